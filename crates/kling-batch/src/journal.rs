@@ -1643,6 +1643,23 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A new journal at `path`, closed by its run, opens with an empty file at its `-wal`
+    /// name (the log its close truncated).
+    fn closed_opens_beside_an_empty_wal(path: &Path) {
+        drop(Journal::open(path).unwrap());
+        std::fs::write(wal_path(path), "").unwrap();
+        drop(Journal::open(path).unwrap());
+    }
+
+    /// A copy of the journal file at `from` at `to`, its `-wal` beside it when `with_wal`.
+    fn copied(from: &Path, to: std::path::PathBuf, with_wal: bool) -> std::path::PathBuf {
+        std::fs::copy(from, &to).unwrap();
+        if with_wal {
+            std::fs::copy(wal_path(from), wal_path(&to)).unwrap();
+        }
+        to
+    }
+
     /// The journal at `path`, still open as a killed run leaves it: job `a` registered and
     /// marked `creating`, both in the `-wal` alone.
     fn killed_while_creating(path: &Path) -> Journal {
@@ -1666,14 +1683,7 @@ mod tests {
         let path = dir.join("j.sqlite");
         // Still open, as after a kill: the last commits are in the `-wal` alone.
         let killed = killed_while_creating(&path);
-        let copy = |to: &str, with_wal: bool| {
-            let copy = dir.join(to);
-            std::fs::copy(&path, &copy).unwrap();
-            if with_wal {
-                std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
-            }
-            copy
-        };
+        let copy = |to: &str, with_wal: bool| copied(&path, dir.join(to), with_wal);
         let alone = copy("alone copy.sqlite", false);
         let whole = copy("whole.sqlite", true);
         let error = Journal::open(&alone).map(|_| ()).unwrap_err().to_string();
@@ -1755,14 +1765,7 @@ mod tests {
         killed
             .transition("b", JobState::Creating, Update::default())
             .unwrap();
-        let copy = |to: &str, with_wal: bool| {
-            let copy = dir.join(to);
-            std::fs::copy(&path, &copy).unwrap();
-            if with_wal {
-                std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
-            }
-            copy
-        };
+        let copy = |to: &str, with_wal: bool| copied(&path, dir.join(to), with_wal);
         let states = |path: &Path| {
             let journal = Journal::open(path).unwrap();
             ["a", "b"].map(|id| journal.record(id).unwrap().map(|r| r.state))
@@ -1824,11 +1827,8 @@ mod tests {
         std::fs::remove_file(wal_path(&lost)).unwrap();
         let error = Journal::open(&lost).map(|_| ()).unwrap_err().to_string();
         assert!(error.contains("write-ahead log is missing"), "{error}");
-        // An empty `-wal` is the log a checkpoint truncated: the journal opens.
-        let empty = dir.join("empty.sqlite");
-        drop(Journal::open(&empty).unwrap());
-        std::fs::write(wal_path(&empty), "").unwrap();
-        drop(Journal::open(&empty).unwrap());
+        // Beside a journal its run closed, an empty `-wal` is the log its close truncated.
+        closed_opens_beside_an_empty_wal(&dir.join("empty.sqlite"));
         drop(killed);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1870,10 +1870,7 @@ mod tests {
         );
         drop(journal);
         // Closed by its run: an empty `-wal` beside it is no loss.
-        let closed = dir.join("closed.sqlite");
-        drop(Journal::open(&closed).unwrap());
-        std::fs::write(wal_path(&closed), "").unwrap();
-        drop(Journal::open(&closed).unwrap());
+        closed_opens_beside_an_empty_wal(&dir.join("closed.sqlite"));
         drop(killed);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1889,9 +1886,7 @@ mod tests {
         let killed = killed_while_creating(&path);
         begin_fold(&killed.lock(), None).unwrap();
         checkpoint(&killed.lock()).unwrap();
-        let copy = dir.join("copy.sqlite");
-        std::fs::copy(&path, &copy).unwrap();
-        std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
+        let copy = copied(&path, dir.join("copy.sqlite"), true);
         let journal = Journal::open(&copy).unwrap();
         assert_eq!(
             journal.record("a").unwrap().map(|r| r.state),
@@ -2018,9 +2013,7 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(std::fs::metadata(wal_path(&path)).unwrap().len(), 0);
-        let copy = dir.join("copy.sqlite");
-        std::fs::copy(&path, &copy).unwrap();
-        std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
+        let copy = copied(&path, dir.join("copy.sqlite"), true);
         drop(killed);
         let error = Journal::open(&copy).map(|_| ()).unwrap_err().to_string();
         assert!(error.contains("write-ahead log is empty"), "{error}");
@@ -2052,9 +2045,7 @@ mod tests {
             .unwrap();
         assert_eq!(main_file(&path).folds, None);
         assert_eq!(main_file(&path).journal_id.as_deref(), Some(killed.id()));
-        let copy = dir.join("copy.sqlite");
-        std::fs::copy(&path, &copy).unwrap();
-        std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
+        let copy = copied(&path, dir.join("copy.sqlite"), true);
         let id = killed.id().to_owned();
         drop(killed);
         let resumed = Journal::open(&copy).unwrap();
