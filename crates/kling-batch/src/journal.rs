@@ -1651,6 +1651,14 @@ mod tests {
         drop(Journal::open(path).unwrap());
     }
 
+    /// The journal on `conn` as an earlier kling-batch left it when it began a fold: no count
+    /// of folds, the fold mark `0`.
+    fn as_an_earlier_version_began_a_fold(conn: &Connection) {
+        conn.execute("DELETE FROM meta WHERE key = ?1", [FOLDS_KEY])
+            .unwrap();
+        mark(conn, FOLDED_KEY, "0").unwrap();
+    }
+
     /// A copy of the journal file at `from` at `to`, its `-wal` beside it when `with_wal`.
     fn copied(from: &Path, to: std::path::PathBuf, with_wal: bool) -> std::path::PathBuf {
         std::fs::copy(from, &to).unwrap();
@@ -2006,9 +2014,7 @@ mod tests {
         {
             // As an earlier version's fold left it: no count, the mark `0`, the log emptied.
             let conn = killed.lock();
-            conn.execute("DELETE FROM meta WHERE key = ?1", [FOLDS_KEY])
-                .unwrap();
-            mark(&conn, FOLDED_KEY, "0").unwrap();
+            as_an_earlier_version_began_a_fold(&conn);
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
                 .unwrap();
         }
@@ -2034,9 +2040,7 @@ mod tests {
             // As an earlier version left it: no count, a fold into the file, then a commit in
             // the log alone.
             let conn = killed.lock();
-            conn.execute("DELETE FROM meta WHERE key = ?1", [FOLDS_KEY])
-                .unwrap();
-            mark(&conn, FOLDED_KEY, "0").unwrap();
+            as_an_earlier_version_began_a_fold(&conn);
             checkpoint(&conn).unwrap();
             mark(&conn, FOLDED_KEY, "1").unwrap();
         }
