@@ -44,11 +44,12 @@
 //! access key pair's JWT works on legacy ones (`/v1/...`) and on `/account/costs`, and Kling
 //! answers it elsewhere with 401 code 1000. So with an access key pair the layer refuses a
 //! request to a new-style endpoint itself, before a token is signed or anything is sent, with
-//! [`ApiKeyRequired`] (naming the path, and the fix: an API key, or the legacy path): a
-//! request spent at Kling on a certain refusal, reported as "authentication failed", would
-//! say less. The endpoint is read from the recognition the stack cached, else from the method
-//! and path ([`Route::of`]); an API key's requests are not looked at, and another method on
-//! `/tasks` (no endpoint: the server's 404, wrong method) is sent. Below a rate limiter and
+//! [`ApiKeyRequired`] (naming the path, and the fix: an API key, or for a create a legacy
+//! create path; a new-style task is queried and listed at `/tasks` alone): a request spent at
+//! Kling on a certain refusal, reported as "authentication failed", would say less. The
+//! endpoint is read from the recognition the stack cached, else from the method and path
+//! ([`Route::of`]); an API key's requests are not looked at, and another method on `/tasks`
+//! (no endpoint: the server's 404, wrong method) is sent. Below a rate limiter and
 //! task slots, such a request has waited for a turn and a slot by then;
 //! [`AuthLayer::check_endpoint`] is the same check for a stack's entry, before either, and
 //! [`KlingLayer`](crate::KlingLayer)'s stack makes it at its drain gate (under the metrics
@@ -78,10 +79,9 @@
 //! request goes. Put a [`BaseUrlLayer`](crate::base_url::BaseUrlLayer) below it, as
 //! [`KlingLayer`](crate::KlingLayer) does: that layer sends to its base URL's origin only
 //! (`https://`, or plain `http://` to a loopback host) and refuses a request whose absolute URI
-//! names another origin with [`OtherOrigin`](crate::base_url::OtherOrigin), before it is sent. The classify step passes that
-//! refusal up as it is (its source is
-//! [`RefusedBeforeSending`]), so a retry layer above
-//! returns it at once rather than trying again.
+//! names another origin with [`OtherOrigin`](crate::base_url::OtherOrigin), before it is sent.
+//! The classify step passes that refusal up as it is (its source is [`RefusedBeforeSending`]),
+//! so a retry layer above returns it at once rather than trying again.
 //!
 //! # Position
 //!
@@ -783,22 +783,25 @@ where
     }
 }
 
-/// A JWT's request refused if it goes to a new-style endpoint ([`takes_api_key_only`]).
+/// A JWT's request refused if it goes to a new-style endpoint ([`api_key_only_kind`]).
 #[inline(never)]
 fn jwt_endpoint_check<B>(request: &Request<B>) -> Result<(), ApiKeyRequired> {
-    if takes_api_key_only(request) {
-        return Err(ApiKeyRequired::new(request.uri().path()));
+    match api_key_only_kind(request) {
+        Some(kind) => Err(ApiKeyRequired::new(
+            request.uri().path(),
+            kind == RequestKind::Create,
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
-/// Whether `request` goes to a new-style endpoint (a create at `/{product}/{model}`, a query
-/// or list at `/tasks`), where Kling takes only an API key: read from the recognition the
-/// stack cached (one extension lookup), else from the method and path (no allocation for an
-/// ordinary path). `/account/costs` is of no generation, and takes a JWT. Another method on
-/// a new-style path (`PUT /tasks`) names no endpoint: it is sent, for the server's own 404
-/// (wrong method), which an API key would meet too.
-fn takes_api_key_only<B>(request: &Request<B>) -> bool {
+/// The kind of `request` (a create at `/{product}/{model}`, a query or list at `/tasks`) when
+/// it goes to a new-style endpoint, where Kling takes only an API key: read from the
+/// recognition the stack cached (one extension lookup), else from the method and path (no
+/// allocation for an ordinary path). `/account/costs` is of no generation, and takes a JWT.
+/// Another method on a new-style path (`PUT /tasks`) names no endpoint: it is sent, for the
+/// server's own 404 (wrong method), which an API key would meet too.
+fn api_key_only_kind<B>(request: &Request<B>) -> Option<RequestKind> {
     let (kind, generation) = match Recognized::cached(request) {
         Some(recognized) => (recognized.kind, recognized.generation),
         None => {
@@ -806,11 +809,12 @@ fn takes_api_key_only<B>(request: &Request<B>) -> bool {
             (route.kind, route.generation)
         }
     };
-    generation == Some(ApiGeneration::New)
+    let api_key_only = generation == Some(ApiGeneration::New)
         && matches!(
             kind,
             RequestKind::Create | RequestKind::Query | RequestKind::List
-        )
+        );
+    api_key_only.then_some(kind)
 }
 
 /// A request to a new-style endpoint (`/{product}/{model}`, `/tasks`) with an access key pair,
@@ -822,16 +826,23 @@ fn takes_api_key_only<B>(request: &Request<B>) -> bool {
 /// ([`will_recur`](kling_core::error::will_recur)), so a retry layer returns it at once and a
 /// [`Follower`](crate::follow::Follower) ends the follow rather than asking again until its
 /// deadline.
+///
+/// Its message offers what works for the request: an API key, or for a create a legacy create
+/// path (`/v1/...`), which takes the key pair; a new-style task is queried and listed at
+/// `/tasks` only (a legacy path knows legacy tasks alone), so there the API key is the fix.
 #[derive(Clone, Debug)]
 pub struct ApiKeyRequired {
     path: String,
+    /// A create, which a legacy create path could make instead; else a query or list.
+    create: bool,
     refused: Arc<NotSent>,
 }
 
 impl ApiKeyRequired {
-    fn new(path: &str) -> ApiKeyRequired {
+    fn new(path: &str, create: bool) -> ApiKeyRequired {
         ApiKeyRequired {
             path: path.to_owned(),
+            create,
             refused: Arc::new(NotSent::for_good(RefusedBeforeSending)),
         }
     }
@@ -844,7 +855,7 @@ impl ApiKeyRequired {
 
 impl PartialEq for ApiKeyRequired {
     fn eq(&self, other: &ApiKeyRequired) -> bool {
-        self.path == other.path
+        self.path == other.path && self.create == other.create
     }
 }
 
@@ -855,9 +866,14 @@ impl fmt::Display for ApiKeyRequired {
         write!(
             f,
             "new-style endpoint `{}` takes an API key; these credentials are an access key pair: \
-             use `Credentials::api_key` / `KLING_API_KEY`, or the legacy path (`/v1/...`)",
+             use `Credentials::api_key` / `KLING_API_KEY`",
             self.path
-        )
+        )?;
+        if self.create {
+            f.write_str(", or a legacy create path (`/v1/...`), which takes the key pair")
+        } else {
+            f.write_str(" (new-style tasks are queried and listed at `/tasks` only)")
+        }
     }
 }
 

@@ -35,22 +35,22 @@
 //! that order: a run in paused time repeats query for query.
 //! A new-style task known by its external id alone (a create whose answer was lost:
 //! [`TaskRef::new_style_external`]) is asked about the same way in
-//! `GET /tasks?external_task_ids=x,y`, never in a query by task ids (Kling takes no mix): a
-//! call whose due tasks are of both kinds sends one query of each. Its answer's report is
-//! matched on its `external_id`, and names the task id the follow ends with. An external id
-//! no answer lists, even asked about alone (`1203`), is asked about again until the deadline
-//! rather than declared gone: the create may not be listed yet. It stays in batches: one
-//! asked about alone (left out of a batch answer, or its batch refused) goes back into batches
-//! at its `1203`, or at a successful answer listing no task (a server may answer so); and once
-//! an id left out of a successful answer has met either alone (the server leaves out what it
-//! does not list), an external id left out says what a lone `1203` says, and a `1203` to a batch of them means none is listed: none is asked about alone
-//! (asked about alone, they ate the rate creates need). Until then one left out is asked
-//! about alone, as a task id is: a page limit or an id echoed in another case leaves out a
-//! listed one. A task id and an external id that read the same are different tasks.
-//! Legacy tasks are queried one by one at `{create path}/{task_id}`. When callbacks are configured
-//! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
-//! once and queries only run as a slow safety net: every safety interval, and the last query
-//! before the deadline (also when the deadline comes before the first safety interval).
+//! `GET /tasks?external_task_ids=x,y`, never in a query by task ids (Kling takes no mix): a call
+//! whose due tasks are of both kinds sends one query of each. Its answer's report is matched on its
+//! `external_id`, and names the task id the follow ends with. An external id no answer lists, even
+//! asked about alone (`1203`), is asked about again until the deadline rather than declared gone:
+//! the create may not be listed yet. It stays in batches: one asked about alone (left out of a
+//! batch answer, or its batch refused) goes back into batches at its `1203`, or at a successful
+//! answer listing no task (a server may answer so); and once an id left out of a successful answer
+//! has met either alone (the server leaves out what it does not list), an external id left out says
+//! what a lone `1203` says, and a `1203` to a batch of them means none is listed: none is asked
+//! about alone (asked about alone, they ate the rate creates need). Until then one left out is
+//! asked about alone, as a task id is: a page limit or an id echoed in another case leaves out a
+//! listed one. A task id and an external id that read the same are different tasks. Legacy tasks
+//! are queried one by one at `{create path}/{task_id}`. When callbacks are configured
+//! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at once
+//! and queries only run as a slow safety net: every safety interval, and the last query before the
+//! deadline (also when the deadline comes before the first safety interval).
 //!
 //! A task's end, delivered or answered to a query, ends at once every call of the follower and
 //! its clones already following that task by its task id (legacy or new-style, whichever
@@ -210,7 +210,9 @@ impl FollowPolicy {
 
     /// Sets how long a task may run before following it fails. A task is asked about once
     /// more a shortest interval before it (see the [module docs](self)); one already past it
-    /// when following starts is still asked about, at once (see [`TaskRef::created_at`]).
+    /// when following starts is still asked about, at once (see [`TaskRef::created_at`]). It
+    /// must be above the shortest interval (`min_interval`), or that last query would be sent
+    /// as the task starts.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -330,6 +332,18 @@ impl FollowPolicy {
         }
         if self.scaled(self.deadline).is_zero() {
             return err("follow.deadline", "must be above 0");
+        }
+        // The last query goes a shortest interval before the deadline: for a deadline that
+        // short, as the task starts, and no query could report it ended.
+        if self.deadline <= self.min_interval {
+            return Err(ConfigError::new(
+                "follow.deadline",
+                format!(
+                    "must be above min_interval ({:?}): the last query goes that long before the \
+                     deadline, which would send it as the task starts",
+                    self.min_interval
+                ),
+            ));
         }
         if self.scaled(self.error_backoff).is_zero() || self.max_error_backoff < self.error_backoff
         {

@@ -18,6 +18,15 @@
 //! keeps its estimate: the task may run and be billed. The ledger counts whole nano-credits
 //! (prices and costs rounded to the nearest), so sums and give-backs are exact.
 //!
+//! One task is charged once. A create answered with a task the ledger has charged already (a
+//! resend Kling answered with the task it had made for the same `external_task_id`, a server's
+//! echo) gives its estimate back: the task's first estimate, or its real cost once reported,
+//! is what it costs. The ledger knows the tasks still awaiting their cost, and the last
+//! [`CHARGED_TASKS_KEPT`] of an account's others (cost reported, or charged to a period that
+//! has ended); a create answered with a task older than those is charged again, as is one
+//! whose first create's outcome was unknown (kept with no task id to match). Ids are not kept
+//! for ever: memory stays bounded.
+//!
 //! The refusal is read wherever it arrives: as a response (the guard over a bare client), or
 //! as the error a retry layer below makes of it (the guard in [`KlingLayer`](crate::KlingLayer),
 //! where every refusal is a `kling_retry` [`Failed`](kling_retry::error::Failed) or
@@ -53,7 +62,7 @@
 
 pub mod future;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -191,6 +200,10 @@ impl CostTable {
     }
 }
 
+/// How many of an account's tasks no longer awaiting a cost the ledger remembers, to know a
+/// create answered with one of them as no new task (see the [module docs](self)).
+pub const CHARGED_TASKS_KEPT: usize = 1024;
+
 /// Slack for comparing credits given as floats: one nano-credit, the ledger's unit.
 pub(crate) const EPSILON: f64 = 1e-9;
 
@@ -219,6 +232,35 @@ struct Account {
     open: Nanos,
     /// Task id → the estimate it was charged, until its real cost is known.
     tasks: HashMap<String, Nanos>,
+    /// Tasks charged and no longer in `tasks`: a create answered with one made no new task.
+    charged: ChargedTasks,
+}
+
+/// The ids of the latest [`CHARGED_TASKS_KEPT`] tasks an account was charged for and no longer
+/// awaits a cost of (cost reported, or charged to a period that has ended), oldest forgotten
+/// first.
+#[derive(Debug, Default)]
+struct ChargedTasks {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+}
+
+impl ChargedTasks {
+    fn insert(&mut self, id: String) {
+        if !self.ids.insert(id.clone()) {
+            return;
+        }
+        self.order.push_back(id);
+        if self.order.len() > CHARGED_TASKS_KEPT
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
 }
 
 #[derive(Debug)]
@@ -251,6 +293,7 @@ impl Ledger {
             committed: 0,
             open: 0,
             tasks: HashMap::new(),
+            charged: ChargedTasks::default(),
         });
         if now >= account.period_start + self.period {
             let periods = (now - account.period_start).as_nanos() / self.period.as_nanos().max(1);
@@ -265,7 +308,10 @@ impl Ledger {
             account.committed = account.open;
             self.awaited
                 .fetch_sub(account.tasks.len(), Ordering::Relaxed);
-            account.tasks.clear();
+            // Charged to the period that ended: a create answered with one now owes nothing.
+            for (id, _) in account.tasks.drain() {
+                account.charged.insert(id);
+            }
         }
         account
     }
@@ -310,12 +356,16 @@ impl Ledger {
     }
 
     /// Records the task a create made, in the current period (its reservation, carried into
-    /// it, is charged there), then applies its report.
+    /// it, is charged there), then applies its report. A task already charged (another create
+    /// answered with it) is one task: this create's reservation goes back.
     fn created(&self, key: &Option<AccountId>, estimate: Nanos, report: &TaskReport) {
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, Instant::now());
         account.open = account.open.saturating_sub(estimate);
-        if account.tasks.insert(report.id.clone(), estimate).is_none() {
+        if account.tasks.contains_key(&report.id) || account.charged.contains(&report.id) {
+            account.committed = account.committed.saturating_sub(estimate);
+        } else {
+            account.tasks.insert(report.id.clone(), estimate);
             self.awaited.fetch_add(1, Ordering::Relaxed);
         }
         self.apply(account, report);
@@ -351,10 +401,11 @@ impl Ledger {
         else {
             return;
         };
-        let Some(estimate) = account.tasks.remove(&report.id) else {
+        let Some((id, estimate)) = account.tasks.remove_entry(&report.id) else {
             return;
         };
         self.awaited.fetch_sub(1, Ordering::Relaxed);
+        account.charged.insert(id);
         account.committed = account
             .committed
             .saturating_sub(estimate)

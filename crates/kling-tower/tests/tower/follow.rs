@@ -248,6 +248,48 @@ fn a_policy_with_an_unbounded_duration_is_refused_naming_the_field() {
     longest.validate().unwrap();
 }
 
+/// A deadline not above the shortest interval leaves a follow one query, sent as it starts (a
+/// shortest interval before the deadline is at or before the task's creation), before the task
+/// can have ended: it passed validation, and every such follow ended `DeadlineExceeded`. It is
+/// refused naming `follow.deadline` and the bound, in API time, at any speed; just above
+/// passes.
+#[test]
+fn a_deadline_not_above_the_shortest_interval_is_refused_naming_it() {
+    let secs = Duration::from_secs;
+    let refused = [
+        FollowPolicy::new().deadline(Duration::from_millis(1_500)),
+        FollowPolicy::new().deadline(secs(2)),
+        FollowPolicy::new().deadline(secs(2)).speed(10.0),
+        FollowPolicy::new()
+            .interval_bounds(secs(60), secs(60))
+            .deadline(secs(30)),
+        FollowPolicy::new()
+            .deadline(secs(1))
+            .callbacks_first(secs(120)),
+    ];
+    for policy in refused {
+        let err = Follower::new(mock(60, 60), policy.clone()).unwrap_err();
+        assert_eq!(err.field(), "follow.deadline", "{policy:?}");
+        let message = err.to_string();
+        assert!(message.contains("above min_interval"), "{message}");
+    }
+    let err = FollowPolicy::new()
+        .deadline(secs(2))
+        .validate()
+        .unwrap_err();
+    assert!(err.to_string().contains("(2s)"), "{err}");
+    // Just above the shortest interval, and a minute with a minute between queries plus one.
+    FollowPolicy::new()
+        .deadline(Duration::from_millis(2_001))
+        .validate()
+        .unwrap();
+    FollowPolicy::new()
+        .interval_bounds(secs(60), secs(60))
+        .deadline(secs(61))
+        .validate()
+        .unwrap();
+}
+
 /// A last query slack beyond a year is refused, naming it, as every other duration is.
 #[test]
 fn a_last_query_slack_beyond_a_year_is_refused_naming_it() {

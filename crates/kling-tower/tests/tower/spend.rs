@@ -10,7 +10,7 @@ use kling_mock::{MockConfig, MockKling, Preset};
 use kling_tower::error::BudgetExceeded;
 use kling_tower::preset::{StackConfig, Tier};
 use kling_tower::retry::error::{DeadlineExceeded as RetryDeadlineExceeded, Failed, StopReason};
-use kling_tower::spend::{CostTable, SpendGuardLayer};
+use kling_tower::spend::{CHARGED_TASKS_KEPT, CostTable, SpendGuardLayer};
 use kling_tower::{Credentials, Kling, KlingLayer};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -1222,4 +1222,136 @@ async fn what_is_left_of_a_budget_is_exact() {
     send(&mut svc, video()).await.unwrap();
     assert_eq!(guard.committed(None), 0.1);
     assert_eq!(guard.remaining(None), 0.2);
+}
+
+/// A legacy client that answers every create with task `t0` (a resend Kling answers with the
+/// task it already made), and a query of it finished, billed `final_unit_deduction` `cost`.
+fn one_task_for_every_create(cost: &'static str) -> Client {
+    Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+        let body = if req.method() == http::Method::POST {
+            r#"{"code":0,"message":"ok","request_id":"r","data":{"task_id":"t0","task_status":"submitted"}}"#
+                .to_owned()
+        } else {
+            format!(
+                r#"{{"code":0,"message":"ok","request_id":"r","data":{{"task_id":"t0","task_status":"succeed","final_unit_deduction":"{cost}"}}}}"#
+            )
+        };
+        async move { Ok::<_, BoxError>(envelope(200, &body)) }
+    }))
+}
+
+/// Two creates answered with one task id made one task, so one estimate stays charged: each
+/// kept its own, and the task's cost later replaced only one of them (3 + 1 credits charged
+/// for a task that cost 1). The negative control: two tasks are two charges.
+#[tokio::test(start_paused = true)]
+async fn two_creates_answered_with_one_task_are_charged_once() {
+    let guard = SpendGuardLayer::new(10.0, CostTable::new().video(3.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(one_task_for_every_create("1")));
+    for _ in 0..2 {
+        let outcome = send(&mut svc, video()).await.unwrap();
+        assert_eq!(outcome.task().unwrap().id, "t0");
+    }
+    assert_eq!(guard.committed(None), 3.0, "one task, one estimate");
+    send(&mut svc, authed("GET", "/v1/videos/text2video/t0", ""))
+        .await
+        .unwrap();
+    assert_eq!(guard.committed(None), 1.0, "its cost replaces the estimate");
+
+    // Negative control: two tasks keep two estimates.
+    let guard = SpendGuardLayer::new(10.0, CostTable::new().video(3.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(legacy_billed("1")));
+    send(&mut svc, video()).await.unwrap();
+    send(&mut svc, video()).await.unwrap();
+    assert_eq!(guard.committed(None), 6.0);
+}
+
+/// A create answered with a task whose real cost was already booked (the task ended and was
+/// queried before the resend's answer came) is not charged on top of that cost; nor is one
+/// answered in the next period with a task charged in the last (its estimate was charged
+/// there).
+#[tokio::test(start_paused = true)]
+async fn a_create_answered_with_a_task_already_billed_is_not_charged_again() {
+    let guard = SpendGuardLayer::with_period(10.0, Duration::from_secs(3600), {
+        CostTable::new().video(3.0)
+    })
+    .unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(one_task_for_every_create("1")));
+    send(&mut svc, video()).await.unwrap();
+    send(&mut svc, authed("GET", "/v1/videos/text2video/t0", ""))
+        .await
+        .unwrap();
+    assert_eq!(guard.committed(None), 1.0);
+    send(&mut svc, video()).await.unwrap();
+    assert_eq!(
+        guard.committed(None),
+        1.0,
+        "billed already: not charged again"
+    );
+
+    // Charged in a period that has ended, awaiting its cost: the next period owes nothing.
+    let guard = SpendGuardLayer::with_period(10.0, Duration::from_secs(3600), {
+        CostTable::new().video(3.0)
+    })
+    .unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(one_task_for_every_create("1")));
+    send(&mut svc, video()).await.unwrap();
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(guard.committed(None), 0.0);
+    send(&mut svc, video()).await.unwrap();
+    assert_eq!(guard.committed(None), 0.0, "charged in the last period");
+}
+
+/// A legacy client that answers a create with the task named by its `external_task_id` (as
+/// Kling may answer a resend with the task it made), and a query of a task finished, billed 1.
+fn task_named_by_external_id() -> Client {
+    Client::new(service_fn(
+        move |req: http::Request<Full<Bytes>>| async move {
+            let body = if req.method() == http::Method::POST {
+                let sent = http_body_util::BodyExt::collect(req.into_body()).await?;
+                let sent: serde_json::Value = serde_json::from_slice(&sent.to_bytes())?;
+                let id = sent["external_task_id"].as_str().unwrap_or_default();
+                format!(
+                    r#"{{"code":0,"message":"ok","request_id":"r","data":{{"task_id":"{id}","task_status":"submitted"}}}}"#
+                )
+            } else {
+                let id = req.uri().path().rsplit('/').next().unwrap_or_default();
+                format!(
+                    r#"{{"code":0,"message":"ok","request_id":"r","data":{{"task_id":"{id}","task_status":"succeed","final_unit_deduction":"1"}}}}"#
+                )
+            };
+            Ok::<_, BoxError>(envelope(200, &body))
+        },
+    ))
+}
+
+/// The billed tasks the ledger remembers are bounded: an account's last
+/// `CHARGED_TASKS_KEPT`. A create answered with one of them is not charged again; one answered
+/// with a task billed before those is, as documented.
+#[tokio::test(start_paused = true)]
+async fn the_billed_tasks_remembered_are_the_last_charged_tasks_kept() {
+    let guard = SpendGuardLayer::new(1e6, CostTable::new().video(3.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(task_named_by_external_id()));
+    let create = |id: &str| {
+        let body = format!(r#"{{"prompt":"a cat","external_task_id":"{id}"}}"#);
+        authed("POST", "/v1/videos/text2video", &body)
+    };
+    let query = |id: &str| authed("GET", &format!("/v1/videos/text2video/{id}"), "");
+    for n in 0..CHARGED_TASKS_KEPT {
+        let id = format!("t{n}");
+        send(&mut svc, create(&id)).await.unwrap();
+        send(&mut svc, query(&id)).await.unwrap();
+    }
+    let billed = CHARGED_TASKS_KEPT as f64;
+    assert_eq!(guard.committed(None), billed);
+    send(&mut svc, create("t0")).await.unwrap();
+    assert_eq!(guard.committed(None), billed, "t0 is remembered");
+
+    // One more billed task: t0, the oldest, is forgotten and charged again.
+    let newest = format!("t{CHARGED_TASKS_KEPT}");
+    send(&mut svc, create(&newest)).await.unwrap();
+    send(&mut svc, query(&newest)).await.unwrap();
+    send(&mut svc, create("t1")).await.unwrap();
+    assert_eq!(guard.committed(None), billed + 1.0, "t1 is remembered");
+    send(&mut svc, create("t0")).await.unwrap();
+    assert_eq!(guard.committed(None), billed + 4.0, "t0 is forgotten");
 }
