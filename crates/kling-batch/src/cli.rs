@@ -529,14 +529,22 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     let timeouts = download_timeouts(&args)?;
     let credentials = Credentials::from_env()
         .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?;
-    if credentials.is_jwt() {
-        check_no_new_style_job(&jobs)?;
-    }
-    let stack = build_stack(&args, config.clone(), credentials).await?;
     let journal_path = args
         .journal
         .clone()
         .unwrap_or_else(|| default_path(&args.jobs, ".journal.sqlite"));
+    // With the access key pair, the jobs on a new-style endpoint: refused before sending if
+    // any is still to send. With no journal yet every one is, said before a journal is made;
+    // on a resume, only those its journal does not record as done.
+    let new_style = if credentials.is_jwt() {
+        new_style_jobs(&jobs)
+    } else {
+        Vec::new()
+    };
+    if !new_style.is_empty() && !journal_path.exists() {
+        return Err(refuse_new_style_jobs(&new_style).into());
+    }
+    let stack = build_stack(&args, config.clone(), credentials).await?;
     let output = args
         .output
         .clone()
@@ -561,6 +569,14 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     }
     let journal = Journal::open(&journal_path)
         .map_err(|e| SetupError::new("--journal", format!("{}: {e}", journal_path.display())))?;
+    if !new_style.is_empty() {
+        let to_send = still_to_send(&journal, new_style).map_err(|e| {
+            SetupError::new("--journal", format!("{}: {e}", journal_path.display()))
+        })?;
+        if !to_send.is_empty() {
+            return Err(refuse_new_style_jobs(&to_send).into());
+        }
+    }
 
     let mut listeners = Listeners::default();
     let mut follow = crate::run::default_follow_policy(config.speed_factor());
@@ -688,22 +704,49 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
 /// How many jobs on a new-style endpoint a refusal for the access key pair names.
 const NEW_STYLE_JOBS_NAMED: usize = 5;
 
-/// Refuses a run signed with the access key pair whose jobs include some on a new-style
-/// endpoint (`/{product}/{model}`), which takes only an API key (KLING_API.md, "Auth"): each
-/// such create would be sent to a sure refusal (401, code 1000), after the legacy jobs before
-/// it were created and paid for. Names the first such jobs, by line and id, and their
-/// endpoints.
-fn check_no_new_style_job(jobs: &[crate::jobs::Job]) -> Result<(), SetupError> {
-    let new_style: Vec<_> = jobs
-        .iter()
+/// The jobs on a new-style endpoint (`/{product}/{model}`), which takes only an API key
+/// (KLING_API.md, "Auth"), for its creates and for the queries of its tasks (`/tasks`).
+fn new_style_jobs(jobs: &[crate::jobs::Job]) -> Vec<&crate::jobs::Job> {
+    jobs.iter()
         .filter(|job| {
             kling_core::Route::of(&http::Method::POST, &job.endpoint).generation
                 == Some(kling_core::ApiGeneration::New)
         })
-        .collect();
-    if new_style.is_empty() {
-        return Ok(());
+        .collect()
+}
+
+/// The jobs of `jobs` that a run on `journal` still sends a request for on their endpoint: to
+/// create (not recorded, or never created), to look up a create of unknown outcome, to follow
+/// a task, or to ask a succeeded task for the result URLs it named none of. A job that ended
+/// sends nothing there (its missing result files are fetched from their URLs, not from Kling's
+/// API). One recorded under another endpoint is counted: its record is not this job's.
+fn still_to_send<'a>(
+    journal: &Journal,
+    jobs: Vec<&'a crate::jobs::Job>,
+) -> Result<Vec<&'a crate::jobs::Job>, crate::error::JournalError> {
+    use crate::journal::JobState;
+    let mut to_send = Vec::new();
+    for job in jobs {
+        let done = journal.record(&job.id)?.is_some_and(|record| {
+            record.endpoint == job.endpoint
+                && match record.state {
+                    JobState::Failed => true,
+                    JobState::Succeeded => !record.urls.is_empty() || record.task_id.is_none(),
+                    _ => false,
+                }
+        });
+        if !done {
+            to_send.push(job);
+        }
     }
+    Ok(to_send)
+}
+
+/// Refuses a run signed with the access key pair that would send requests for `new_style`,
+/// jobs on a new-style endpoint: each would go to a sure refusal (401, code 1000), after the
+/// legacy jobs before it were created and paid for. Names the first of them, by line and id,
+/// and their endpoints.
+fn refuse_new_style_jobs(new_style: &[&crate::jobs::Job]) -> SetupError {
     let mut named = String::from(if new_style.len() == 1 {
         "job "
     } else {
@@ -722,16 +765,17 @@ fn check_no_new_style_job(jobs: &[crate::jobs::Job]) -> Result<(), SetupError> {
             new_style.len() - NEW_STYLE_JOBS_NAMED
         ));
     }
-    Err(SetupError::new(
+    SetupError::new(
         "KLING_ACCESS_KEY",
         format!(
             "the credentials are an access key pair (KLING_ACCESS_KEY and KLING_SECRET_KEY, \
              no KLING_API_KEY), which new-style endpoints (/{{product}}/{{model}}) refuse: \
-             they take only an API key, and Kling would refuse (401, code 1000) every create \
-             of {named}; nothing was sent: set KLING_API_KEY to an API key (it works on \
-             every endpoint), or give these jobs a legacy endpoint (/v1/...)"
+             they take only an API key, and Kling would refuse (401, code 1000) every request \
+             (a create, or a query of the task) of {named}, still to send; nothing was sent: \
+             set KLING_API_KEY to an API key (it works on every endpoint), or give the jobs \
+             not yet sent a legacy endpoint (/v1/...)"
         ),
-    ))
+    )
 }
 
 /// Refuses a run whose journal, results file or `--download` folder is the jobs file, the
@@ -945,6 +989,80 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
+
+    /// Of the new-style jobs of a resume, those still to send a request on their endpoint:
+    /// not recorded, queued, not submitted, creating, created (with or without a task), or
+    /// succeeded without a result URL (its task is asked again); not one that failed or
+    /// succeeded with its URLs, nor one of another endpoint under its id. Every job was
+    /// counted, finished or not.
+    #[test]
+    fn only_the_new_style_jobs_a_resume_still_sends_need_an_api_key() {
+        use crate::journal::{JobState, Update};
+        let ids = [
+            "queued",
+            "unsent",
+            "creating",
+            "untasked",
+            "following",
+            "asked",
+            "done",
+            "failed",
+        ];
+        let line = |id: &str| {
+            format!(
+                "{{\"id\":\"{id}\",\"prompt\":\"{id}\",\"endpoint\":\"/text-to-video/kling-3.0\"}}\n"
+            )
+        };
+        let text: String = ids.iter().map(|id| line(id)).collect();
+        let (jobs, errors) = crate::jobs::parse_jobs(&text);
+        assert!(errors.is_empty());
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&jobs).unwrap();
+        let to = |id: &str, state: JobState, update: Update| {
+            journal.transition(id, state, update).unwrap();
+        };
+        to("unsent", JobState::NotSubmitted, Update::default());
+        for id in &ids[2..] {
+            to(id, JobState::Creating, Update::default());
+        }
+        for id in &ids[3..] {
+            to(id, JobState::Created, Update::default());
+        }
+        for id in &ids[4..] {
+            to(id, JobState::Created, Update::task(format!("t-{id}")));
+        }
+        to("asked", JobState::Succeeded, Update::default());
+        let urls = Update {
+            urls: Some(vec!["https://cdn.example/done.mp4".to_owned()]),
+            ..Update::default()
+        };
+        to("done", JobState::Succeeded, urls);
+        to("failed", JobState::Failed, Update::default());
+        // Not recorded yet, and recorded under another endpoint (a legacy job's).
+        let (more, _) = crate::jobs::parse_jobs(&format!("{}{}", line("new"), line("moved")));
+        let (legacy, _) = crate::jobs::parse_jobs("{\"id\":\"moved\",\"prompt\":\"moved\"}\n");
+        journal.register(&legacy).unwrap();
+        let all: Vec<_> = jobs.iter().chain(&more).collect();
+        assert_eq!(new_style_jobs(&jobs).len(), jobs.len());
+        let to_send: Vec<&str> = still_to_send(&journal, all)
+            .unwrap()
+            .iter()
+            .map(|job| job.id.as_str())
+            .collect();
+        assert_eq!(
+            to_send,
+            [
+                "queued",
+                "unsent",
+                "creating",
+                "untasked",
+                "following",
+                "asked",
+                "new",
+                "moved"
+            ]
+        );
+    }
 
     /// The journal a task still holds when the command returns (a callback listener's
     /// connection, an aborted follow) is closed before the process may exit: the runtime

@@ -759,8 +759,31 @@ impl Journal {
         }
         // Looked at before SQLite opens the file (reading it creates an empty `-wal`), beside
         // the file a symbolic link names, where SQLite keeps it.
-        let wal = wal_path(&linked_file(&path));
+        let file = linked_file(&path);
+        let wal = wal_path(&file);
         let wal_file = WalFile::at(&wal);
+        // A log beside no file (the file moved or lost, the log alone copied): SQLite would
+        // make a new empty file and, finding it no page long, delete the log, the only record
+        // of the jobs created, and the run would create every job again. Not its `-shm`: an
+        // index of the log, which SQLite rebuilds from it, it records no job.
+        let file_missing =
+            std::fs::metadata(&file).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+        if file_missing && matches!(wal_file, WalFile::Log | WalFile::Empty) {
+            return Err(JournalError::new(
+                "the journal file is missing, and its write-ahead log is beside it",
+                format!(
+                    "{wal} is the log of a journal at {file}, which is not there (moved, lost, \
+                     or the log alone copied?): opened so, SQLite would make a new empty \
+                     journal and delete the log, which may hold the only record of the jobs \
+                     created, and a run would create them all again (billed twice). Nothing \
+                     was written: put the journal file back beside its -wal (or both where \
+                     --journal names); or, to start over knowing every job would be created \
+                     again, remove the -wal too or choose another journal",
+                    wal = wal.display(),
+                    file = file.display(),
+                ),
+            ));
+        }
         // What a journal its run left open lacks without its log: the refusal's words, and
         // where the log is.
         let log_lost = match wal_file {
@@ -822,7 +845,7 @@ impl Journal {
         // commit of its own log. Read once the reads above passed, which a run holding the
         // journal makes fail; an id the file alone cannot give skips the check.
         let main = match wal_file {
-            WalFile::Log => main_file(&linked_file(&path)),
+            WalFile::Log => main_file(&file),
             _ => MainFile::default(),
         };
         let of_log = match &contents {
@@ -1737,6 +1760,65 @@ mod tests {
         let closed = copy("closed.sqlite", false);
         assert_eq!(state(&closed), Some(JobState::Creating));
         assert_eq!(state(&closed), Some(JobState::Creating), "and again");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A `-wal` beside no journal file (the file moved or lost, the log alone copied) is
+    /// refused, naming both, and left byte for byte as it was: SQLite made a new empty file
+    /// there and, finding it no page long, deleted the log, the only record of the jobs
+    /// created, and the run created every job again (billed twice). Through a symbolic link
+    /// whose target is missing too; with the file put back, the journal opens whole.
+    #[test]
+    fn a_wal_whose_journal_file_is_missing_is_refused_and_kept() {
+        let dir = scratch("lonewal");
+        let path = dir.join("j.sqlite");
+        let killed = killed_while_creating(&path);
+        let lone = copied(&path, dir.join("lone.sqlite"), true);
+        drop(killed);
+        let moved = dir.join("moved.sqlite");
+        std::fs::rename(&lone, &moved).unwrap();
+        let log = std::fs::read(wal_path(&lone)).unwrap();
+        assert!(!log.is_empty());
+        // An index of the log beside it, as a run that does not lock alone leaves: kept too.
+        let mut shm = lone.clone().into_os_string();
+        shm.push("-shm");
+        std::fs::write(&shm, b"an index of the log").unwrap();
+        let refused = |path: &Path| {
+            let error = Journal::open(path).map(|_| ()).unwrap_err().to_string();
+            assert!(error.contains("the journal file is missing"), "{error}");
+            assert!(error.contains("lone.sqlite-wal"), "{error}");
+            assert!(error.contains("put the journal file back"), "{error}");
+            assert!(error.contains("billed twice"), "{error}");
+            assert_eq!(std::fs::read(wal_path(&lone)).unwrap(), log, "the log kept");
+            assert!(!lone.exists(), "no file made");
+            assert_eq!(std::fs::read(&shm).unwrap(), b"an index of the log");
+        };
+        refused(&lone);
+        refused(&lone);
+        // An empty `-wal` is refused too: its journal was closed, and is the file that is gone.
+        let closed = dir.join("closed.sqlite");
+        drop(Journal::open(&closed).unwrap());
+        std::fs::write(wal_path(&closed), "").unwrap();
+        std::fs::remove_file(&closed).unwrap();
+        let error = Journal::open(&closed).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("the journal file is missing"), "{error}");
+        assert_eq!(std::fs::metadata(wal_path(&closed)).unwrap().len(), 0);
+        assert!(!closed.exists(), "no file made");
+        // Through a link to the missing file, whose `-wal` is beside the link's target.
+        #[cfg(unix)]
+        {
+            let link = dir.join("link.sqlite");
+            std::os::unix::fs::symlink(&lone, &link).unwrap();
+            refused(&link);
+        }
+        // Put back, it opens with the job's mark.
+        std::fs::rename(&moved, &lone).unwrap();
+        let journal = Journal::open(&lone).unwrap();
+        assert_eq!(
+            journal.record("a").unwrap().map(|r| r.state),
+            Some(JobState::Creating)
+        );
+        drop(journal);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -684,7 +684,7 @@ impl Engine {
             tokio::select! {
                 biased;
                 () = &mut stopped => {}
-                () = self.adopt_slots(jobs, &creating, &created) => {}
+                () = self.adopt_slots(&queued, &creating, &created) => {}
             }
         }
         let started = std::time::SystemTime::now();
@@ -1016,10 +1016,13 @@ impl Engine {
     /// only means the slots layer learns the real count through 1303s). A list entry does not
     /// say its model, so each job's task is placed in its job's pool by its task id (`created`)
     /// or its external id (`creating`); a task of no job here goes to its product's (or
-    /// path's) pool.
+    /// path's) pool. New-style products are listed for the jobs this run sends for
+    /// (`queued`, `creating`, `created`) alone: no slot of a finished job's pool is taken, and
+    /// a resume with the access key pair whose new-style jobs all ended (which `/tasks`
+    /// refuses) is not halted by the list.
     async fn adopt_slots(
         &self,
-        jobs: &[Job],
+        queued: &[&Job],
         creating: &[(&Job, String, JobState, bool)],
         created: &[(&Job, String)],
     ) {
@@ -1031,7 +1034,11 @@ impl Engine {
             plan = plan.task_in(task.clone(), job.pool());
         }
         let mut seen = Vec::new();
-        for job in jobs.iter().filter(|j| j.generation() == ApiGeneration::New) {
+        let to_send = queued
+            .iter()
+            .chain(creating.iter().map(|(job, ..)| job))
+            .chain(created.iter().map(|(job, _)| job));
+        for job in to_send.filter(|j| j.generation() == ApiGeneration::New) {
             let product = job
                 .endpoint
                 .trim_start_matches('/')

@@ -1890,7 +1890,7 @@ async fn a_resumed_run_adopts_each_models_tasks_into_its_own_pool() {
         JobState::Creating,
         false,
     )];
-    engine.adopt_slots(&jobs, &creating, &created).await;
+    engine.adopt_slots(&[], &creating, &created).await;
     let in_use = |pool: &str| {
         let snapshot = engine.stack.snapshot();
         snapshot

@@ -2,7 +2,7 @@
 
 use kling_mock::MockServer;
 
-use crate::support::{SPEED, finish, pro_mock, results, run_command, summary, temp_dir};
+use crate::support::{SPEED, finish, in_state, pro_mock, results, run_command, summary, temp_dir};
 
 const JOBS: &str = "{\"id\":\"a\",\"prompt\":\"one\"}\n{\"id\":\"b\",\"prompt\":\"two\"}\n{\"prompt\": oops\n{\"id\":\"d\",\"prompt\":\"four\"}\n";
 
@@ -170,6 +170,103 @@ async fn an_access_key_pair_with_jobs_on_new_style_endpoints_is_refused_before_s
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert_eq!(server.stats().tasks_created, 6, "{stderr}");
+}
+
+/// A resume with the access key pair whose new-style jobs the journal records as finished
+/// sends nothing that needs an API key: it runs, and the legacy jobs added since are created
+/// (it was refused for the finished jobs). A new-style job still to create, or whose task is
+/// still to follow (new-style tasks are queried on `/tasks`, which takes only an API key too),
+/// is refused before anything is sent, naming just that job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_with_an_access_key_pair_is_refused_only_for_new_style_jobs_still_to_send() {
+    use kling_batch::journal::{JobState, Journal, Update};
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("pair-resume");
+    let jobs = dir.join("jobs.jsonl");
+    let new_style = "{\"id\":\"b\",\"prompt\":\"two\",\"endpoint\":\"/text-to-video/kling-3.0\"}\n\
+         {\"id\":\"d\",\"prompt\":\"four\",\"endpoint\":\"/image-to-video/kling-3.0\",\
+         \"image\":\"https://example.com/x.png\"}\n";
+    std::fs::write(&jobs, new_style).unwrap();
+    let output = finish(run_command(&jobs, &server.base_url(), &[])).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(server.stats().tasks_created, 2, "{stderr}");
+    let with_pair = || {
+        let mut cmd = run_command(&jobs, &server.base_url(), &[]);
+        cmd.env_remove("KLING_API_KEY")
+            .env("KLING_ACCESS_KEY", "ak")
+            .env("KLING_SECRET_KEY", "sk");
+        cmd
+    };
+    // A legacy job added: sent with the pair, the finished new-style jobs not refused.
+    let first = format!("{new_style}{{\"id\":\"a\",\"prompt\":\"one\"}}\n");
+    std::fs::write(&jobs, &first).unwrap();
+    let output = finish(with_pair()).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(server.stats().tasks_created, 3, "{stderr}");
+    // Its task to follow again (as a run killed while it ran leaves it), and a job added:
+    // sent with the pair, the finished new-style jobs' tasks not listed on resume (on
+    // `/tasks`, which refused the pair and halted the run).
+    let back_to_created = |id: &str| {
+        let journal = Journal::open(dir.join("jobs.journal.sqlite")).unwrap();
+        let task = journal.record(id).unwrap().unwrap().task_id.unwrap();
+        journal
+            .transition(id, JobState::Created, Update::task(task))
+            .unwrap();
+    };
+    back_to_created("a");
+    let with_legacy = format!("{first}{{\"id\":\"e\",\"prompt\":\"five\"}}\n");
+    std::fs::write(&jobs, &with_legacy).unwrap();
+    let output = finish(with_pair()).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(server.stats().tasks_created, 4, "{stderr}");
+    assert!(!stderr.contains("cannot list running tasks"), "{stderr}");
+    let results = results(&dir.join("jobs.results.jsonl"));
+    assert_eq!(in_state(&results, "succeeded").len(), 4, "{results:?}");
+    let refused = |expected: &'static str| {
+        let server = &server;
+        let with_pair = &with_pair;
+        async move {
+            let sent = server.stats().requests_total;
+            let output = finish(with_pair()).await;
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            assert_eq!(output.status.code(), Some(2), "{stderr}");
+            assert!(stderr.contains("KLING_ACCESS_KEY: "), "{stderr}");
+            assert!(stderr.contains(expected), "names {expected:?}: {stderr}");
+            assert!(stderr.contains("nothing was sent"), "{stderr}");
+            assert_eq!(server.stats().requests_total, sent, "{stderr}");
+            stderr
+        }
+    };
+    // A new-style job added: still to create.
+    std::fs::write(
+        &jobs,
+        format!(
+            "{with_legacy}{{\"id\":\"f\",\"prompt\":\"six\",\
+             \"endpoint\":\"/text-to-video/kling-3.0\"}}\n"
+        ),
+    )
+    .unwrap();
+    let stderr = refused("job `f` (line 5) on /text-to-video/kling-3.0").await;
+    for finished in ["`b`", "`d`", "`a`", "`e`"] {
+        assert!(!stderr.contains(finished), "{finished}: {stderr}");
+    }
+    // A new-style task still to follow (as a run killed while it ran leaves it).
+    std::fs::write(&jobs, &with_legacy).unwrap();
+    back_to_created("b");
+    let stderr = refused("job `b` (line 1) on /text-to-video/kling-3.0").await;
+    assert!(!stderr.contains("`d`"), "{stderr}");
+    // With an API key, it is followed to its end.
+    let output = finish(run_command(&jobs, &server.base_url(), &[])).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        server.stats().tasks_created,
+        4,
+        "nothing created twice: {stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
