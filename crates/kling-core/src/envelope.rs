@@ -224,6 +224,32 @@ pub struct Envelope {
     pub request_id: Option<String>,
     /// The tasks the response reports (none for errors and non-task responses).
     pub tasks: Vec<TaskReport>,
+    /// Whether `data` was a list every element of which was read as one task (see
+    /// [`Outcome::lists_every_task`](crate::Outcome::lists_every_task)). Kept from the one
+    /// read: a second read of the body to learn it cost thousands of instructions.
+    pub(crate) lists_every_task: bool,
+}
+
+/// What `data`, or an element of a `data` list, turned out to be, as both readers record it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum DataShape {
+    /// One task object that reported a task (no page: it holds no `tasks` key).
+    Task,
+    /// A list, `whole` when every element of it was a [`DataShape::Task`].
+    List {
+        /// Every element was read as one task (`[]` included).
+        whole: bool,
+    },
+    /// Anything else: a page, an object that reports no task, `null`, a scalar.
+    #[default]
+    Other,
+}
+
+impl DataShape {
+    /// Whether this `data` makes the tasks read the whole list.
+    pub(crate) fn lists_every_task(self) -> bool {
+        self == DataShape::List { whole: true }
+    }
 }
 
 impl Envelope {
@@ -271,7 +297,8 @@ impl Envelope {
             code: Code::from_i64(raw.code),
             message: raw.message.map(Cow::into_owned).unwrap_or_default(),
             request_id: raw.request_id.map(Cow::into_owned),
-            tasks: raw.data.0,
+            lists_every_task: raw.data.shape.lists_every_task(),
+            tasks: raw.data.reports,
         })
     }
 
@@ -375,6 +402,8 @@ fn error_envelope(body: &[u8]) -> Option<Envelope> {
                 .unwrap_or_default(),
             request_id: request_id.and_then(|r| r.request_id.0).map(Cow::into_owned),
             tasks: Vec::new(),
+            // `data` was not read.
+            lists_every_task: false,
         })
     };
     read(body).or_else(|| read(&lenient_texts(body, true)?))
@@ -1031,7 +1060,10 @@ struct RawEnvelope<'a> {
 /// The tasks inside `data`, whatever its shape: one task object, an array of them, or a page
 /// `{"tasks": [...]}`; anything else reports no task.
 #[derive(Default)]
-struct Tasks(Vec<TaskReport>);
+struct Tasks {
+    reports: Vec<TaskReport>,
+    shape: DataShape,
+}
 
 impl<'de> Deserialize<'de> for Tasks {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -1050,27 +1082,43 @@ impl<'de> Visitor<'de> for TasksVisitor {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Tasks, A::Error> {
         let mut tasks = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(512));
+        let mut whole = true;
         // Each element is read like `data` itself, so an odd element reports nothing
         // instead of failing the whole envelope.
-        while let Some(Tasks(found)) = seq.next_element::<Tasks>()? {
-            tasks.extend(found);
+        while let Some(found) = seq.next_element::<Tasks>()? {
+            whole &= found.shape == DataShape::Task;
+            tasks.extend(found.reports);
         }
-        Ok(Tasks(tasks))
+        Ok(Tasks {
+            reports: tasks,
+            shape: DataShape::List { whole },
+        })
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Tasks, A::Error> {
         let task = RawTask::deserialize(de::value::MapAccessDeserializer::new(map))?;
         let mut tasks = Vec::new();
-        if let Some(page) = task.tasks {
-            tasks.extend(
+        let mut shape = DataShape::Other;
+        match task.tasks {
+            Some(Some(page)) => tasks.extend(
                 page.into_iter()
                     .filter_map(|item| item.0)
                     .filter_map(RawTask::into_report),
-            );
-        } else {
-            tasks.extend(task.into_report());
+            ),
+            // `"tasks": null` reads as no page, but an object with the key is still no task
+            // of a list's (the scanner's rule too).
+            Some(None) => tasks.extend(task.into_report()),
+            None => {
+                tasks.extend(task.into_report());
+                if !tasks.is_empty() {
+                    shape = DataShape::Task;
+                }
+            }
         }
-        Ok(Tasks(tasks))
+        Ok(Tasks {
+            reports: tasks,
+            shape,
+        })
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Tasks, E> {
@@ -1131,9 +1179,18 @@ struct RawTask<'a> {
     #[serde(default, borrow)]
     billing: Option<BillingList<'a>>,
     /// A page's tasks; an element that is no object reports nothing (serde's derive would read
-    /// an array as a task, its fields by position).
-    #[serde(default, borrow)]
-    tasks: Option<Vec<LooseItem<RawTask<'a>>>>,
+    /// an array as a task, its fields by position). `Some(None)` is a `"tasks": null`: no
+    /// page, yet no plain task either, for [`DataShape`].
+    #[serde(default, borrow, deserialize_with = "present")]
+    tasks: Option<Option<Vec<LooseItem<RawTask<'a>>>>>,
+}
+
+/// A field's value, read only when the key is there: `Some(None)` tells a `null` written from
+/// a key left out (serde's `Option` reads both as `None`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
 }
 
 impl RawTask<'_> {
@@ -2237,7 +2294,7 @@ mod tests {
             tokio::time::Instant::now(),
         )
         .unwrap();
-        assert!(!outcome.lists_every_task(list));
+        assert!(!outcome.lists_every_task());
         for callback in [
             &br#"{"task_id":"","task_status":"succeed"}"#[..],
             br#"{"id":"","status":"failed"}"#,

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::ops::Range;
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -55,6 +55,8 @@ struct Inner {
     message: Range<usize>,
     request_id: Option<Range<usize>>,
     tasks: Reports,
+    /// See [`Outcome::lists_every_task`]; recorded by whichever reader ran.
+    lists_every_task: bool,
     /// Built on the first [`Outcome::envelope`] call only (boxed: most outcomes never build
     /// it, and a smaller `Inner` is cheaper to allocate).
     envelope: OnceLock<Box<Envelope>>,
@@ -195,9 +197,11 @@ impl Outcome {
         };
         let bytes = body.as_slice();
         let mut tasks = Reports::None;
+        let lists_every_task;
         // The scanner checks the body's UTF-8 (a body that is not goes to the reference).
         let (code, (texts, message, request_id)) = match envelope::scan(bytes, &mut tasks).ok() {
             Some(head) => {
+                lists_every_task = head.lists_every_task;
                 let code = Code::from_i64(head.code);
                 let message = head.message.as_ref().map_or(Some(0..0), Piece::range);
                 let request_id = head.request_id.as_ref().map(Piece::range);
@@ -237,6 +241,7 @@ impl Outcome {
                         .with_retry_after(retry_after, received_at)
                 })?;
                 tasks = Reports::from(envelope.tasks);
+                lists_every_task = envelope.lists_every_task;
                 (
                     envelope.code,
                     copy_texts(Some(&envelope.message), envelope.request_id.as_deref()),
@@ -253,6 +258,7 @@ impl Outcome {
             message,
             request_id,
             tasks,
+            lists_every_task,
             envelope: OnceLock::new(),
             retry_after,
             received_at,
@@ -315,38 +321,17 @@ impl Outcome {
     }
 
     /// Whether the envelope's `data` is a list every element of which was read as a task, so
-    /// that [`tasks`](Self::tasks) is the whole list (an empty one included). `body` is the
-    /// response's body: an outcome reports no task both for `"data": []` and for a `data` it
-    /// could not read (`null`, missing, an element without id or status), which an answer to a
-    /// lookup by external id must tell apart: only the first says a task does not exist.
+    /// that [`tasks`](Self::tasks) is the whole list (an empty one included). An outcome reports
+    /// no task both for `"data": []` and for a `data` it could not read (`null`, missing, an
+    /// element without id or status), which an answer to a lookup by external id must tell
+    /// apart: only the first says a task does not exist. An element that is itself a list or a
+    /// page (holds `tasks`) is no task: tasks found inside it must not make up, in the count,
+    /// for another element that was not read.
     ///
-    /// Reads the body again (serde_json), for the rare answers where that matters, never for
-    /// every response; a body whose bytes show no `data` list is answered without that read.
-    pub fn lists_every_task(&self, body: &[u8]) -> bool {
-        if !may_hold_a_data_list(body) {
-            return false;
-        }
-        // Each element itself a task, not a list or page of them: tasks found inside one
-        // element must not make up, in the count, for another element that was not read.
-        fn is_task(element: &serde_json::Value) -> bool {
-            let Some(fields) = element.as_object() else {
-                return false;
-            };
-            let id = |key| {
-                fields
-                    .get(key)
-                    .is_some_and(|v| v.is_string() || v.is_number())
-            };
-            let status = |key| fields.get(key).is_some_and(serde_json::Value::is_string);
-            !fields.contains_key("tasks")
-                && ((id("task_id") && status("task_status")) || (id("id") && status("status")))
-        }
-        serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|envelope| {
-            envelope
-                .get("data")
-                .and_then(serde_json::Value::as_array)
-                .is_some_and(|list| list.len() == self.tasks().len() && list.iter().all(is_task))
-        })
+    /// Recorded when the body was read (by the scanner or its serde_json fallback alike), so
+    /// asking costs nothing; false for an error envelope read only for its code and texts.
+    pub fn lists_every_task(&self) -> bool {
+        self.inner.lists_every_task
     }
 
     /// The first task reported, e.g. the task a create made.
@@ -362,6 +347,7 @@ impl Outcome {
                 message: self.message().to_owned(),
                 request_id: self.request_id().map(str::to_owned),
                 tasks: self.tasks().to_vec(),
+                lists_every_task: self.lists_every_task(),
             })
         })
     }
@@ -409,26 +395,6 @@ impl Outcome {
     }
 }
 
-/// Whether `body` may hold a key `data` whose value is a list: the bytes `"data"`, blanks, `:`,
-/// blanks, `[`, or an escape `\u` (a key written with one, `"\u0064ata"`, reads as `data` only
-/// when decoded). No text of valid JSON holds the bytes `"data"` followed by a `:` (its quotes
-/// are escaped), so a body without them is no answer whose `data` is a list, and the full read
-/// of [`Outcome::lists_every_task`] (thousands of instructions: a legacy query's last answer
-/// asks it) is spared. A nested key of that name only sends the body to the full read.
-fn may_hold_a_data_list(body: &[u8]) -> bool {
-    // An escaped `\\u` too sends the body to the full read, as it costs nothing to.
-    let escape = memchr::memchr_iter(b'\\', body).any(|at| body.get(at + 1) == Some(&b'u'));
-    // Built once: a searcher's set-up costs more than its search of a short body.
-    static DATA_KEY: LazyLock<memchr::memmem::Finder<'static>> =
-        LazyLock::new(|| memchr::memmem::Finder::new(b"\"data\""));
-    escape
-        || DATA_KEY.find_iter(body).any(|at| {
-            let after_key = body[at + 6..].trim_ascii_start();
-            after_key.first() == Some(&b':')
-                && after_key[1..].trim_ascii_start().first() == Some(&b'[')
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,54 +416,195 @@ mod tests {
         assert_eq!(outcome.request_id(), Some("r"));
     }
 
+    fn parsed(body: &[u8]) -> Outcome {
+        Outcome::parse(StatusCode::OK, &HeaderMap::new(), body, Instant::now())
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
+    }
+
+    /// What `lists_every_task` answered when it read the body again with serde_json (before
+    /// the readers recorded it): the oracle the recorded flag must agree with.
+    fn reread_lists_every_task(outcome: &Outcome, body: &[u8]) -> bool {
+        fn is_task(element: &serde_json::Value) -> bool {
+            let Some(fields) = element.as_object() else {
+                return false;
+            };
+            let id = |key| {
+                fields
+                    .get(key)
+                    .is_some_and(|v| v.is_string() || v.is_number())
+            };
+            let status = |key| fields.get(key).is_some_and(serde_json::Value::is_string);
+            !fields.contains_key("tasks")
+                && ((id("task_id") && status("task_status")) || (id("id") && status("status")))
+        }
+        serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|envelope| {
+            envelope
+                .get("data")
+                .and_then(serde_json::Value::as_array)
+                .is_some_and(|list| list.len() == outcome.tasks().len() && list.iter().all(is_task))
+        })
+    }
+
+    /// The flag each reader records equals what the old second read said, on both paths: each
+    /// `data` is read once as the scanner takes it, and once beside an escaped key, which the
+    /// scanner hands to the serde_json fallback.
     #[test]
-    fn a_list_is_whole_only_when_data_is_a_list_and_every_element_was_read() {
-        let read = |data: &str| {
-            let body = format!(r#"{{"code":0,"message":"SUCCEED","data":{data}}}"#);
-            let outcome = Outcome::parse(
-                StatusCode::OK,
-                &HeaderMap::new(),
-                body.as_bytes(),
-                Instant::now(),
-            )
-            .unwrap();
-            outcome.lists_every_task(body.as_bytes())
-        };
-        assert!(read("[]"));
-        assert!(read(
-            r#"[{"id":"t1","status":"submitted","external_id":"e1"}]"#
-        ));
-        assert!(!read("null"));
-        assert!(!read(r#"{"task_id":"t1","task_status":"submitted"}"#));
-        assert!(!read(r#"[{"id":"t1"}]"#), "an element read as no task");
-        // Tasks inside one element do not make up for another that was not read.
-        assert!(
-            !read(
-                r#"[[{"id":"a","status":"submitted"},{"id":"b","status":"submitted"}],{"id":"c","external_id":"job-1"}]"#
+    fn the_recorded_list_flag_agrees_with_a_second_read_on_both_paths() {
+        let datas: [(&str, bool); 24] = [
+            // A legacy list page and a new-style batch.
+            (
+                r#"[{"task_id":"t1","task_status":"succeed","task_info":{"external_task_id":"e1"}},
+                    {"task_id":"t2","task_status":"processing","task_result":{"videos":[{"url":"u"}]}}]"#,
+                true,
             ),
-            "a nested list counted for an unread element"
+            (
+                r#"[{"id":"a","status":"submitted","external_id":"e1"},
+                    {"id":"b","status":"succeeded","outputs":[{"url":"u"}],"billing":[{"amount":1}]}]"#,
+                true,
+            ),
+            ("[]", true),
+            (" \t[ ]", true),
+            (
+                r#"[{"task_id":7,"task_status":"succeed"},{"id":"b","status":"failed"}]"#,
+                true,
+            ),
+            (
+                r#"[{"task_id":"","task_status":"s","id":"c","status":"failed"}]"#,
+                true,
+            ),
+            ("null", false),
+            // Elements without id or status, or with an empty id.
+            (r#"[{"id":"t1"}]"#, false),
+            (
+                r#"[{"id":"a","status":"submitted"},{"status":"failed"}]"#,
+                false,
+            ),
+            (r#"[{"id":"","status":"submitted"}]"#, false),
+            (r#"[{"task_id":"t1","task_status":null}]"#, false),
+            (r#"[null]"#, false),
+            (r#"["t1",1]"#, false),
+            // An element that is a page or a list: no task, whatever it holds.
+            (r#"[{"tasks":[{"id":"a","status":"submitted"}]}]"#, false),
+            (r#"[{"id":"a","status":"submitted","tasks":null}]"#, false),
+            (r#"[{"id":"a","status":"submitted","tasks":[]}]"#, false),
+            (
+                r#"[[{"id":"a","status":"submitted"},{"id":"b","status":"submitted"}],{"id":"c","external_id":"job-1"}]"#,
+                false,
+            ),
+            (r#"[[{"id":"a","status":"submitted"}]]"#, false),
+            // `data` an object: a single task, a page, nothing.
+            (r#"{"task_id":"t1","task_status":"submitted"}"#, false),
+            (r#"{"tasks":[{"id":"a","status":"submitted"}]}"#, false),
+            ("{}", false),
+            (r#""[]""#, false),
+            // Escaped keys inside the elements (the scanner hands both variants on).
+            (r#"[{"\u0069d":"a","status":"submitted"}]"#, true),
+            (
+                r#"[{"id":"a","status":"submitted","\u0074asks":null}]"#,
+                false,
+            ),
+        ];
+        let mut bodies = Vec::new();
+        for (data, expected) in datas {
+            bodies.push((
+                format!(r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{data}}}"#),
+                !data.contains("\\u"),
+                expected,
+            ));
+            bodies.push((
+                format!(r#"{{"code":0,"\u0078":1,"message":"SUCCEED","data":{data}}}"#),
+                false,
+                expected,
+            ));
+        }
+        for (body, scanned, expected) in [
+            (r#"{"code":0,"message":"SUCCEED"}"#, true, false),
+            (
+                r#"{"code":0,"message":"\"data\":[]","data":null}"#,
+                true,
+                false,
+            ),
+            (
+                r#"{"code":0,"message":"SUCCEED","\u0064ata":[]}"#,
+                false,
+                true,
+            ),
+            (r#"{"code":0,"\u0064ata":[{"id":"a"}]}"#, false, false),
+            // An error code's list is read alike.
+            (
+                r#"{"code":1203,"message":"not found","data":[]}"#,
+                true,
+                true,
+            ),
+        ] {
+            bodies.push((body.to_owned(), scanned, expected));
+        }
+        for (body, scanned, expected) in &bodies {
+            let bytes = body.as_bytes();
+            let mut tasks = Reports::None;
+            assert_eq!(
+                envelope::scan(bytes, &mut tasks).is_ok(),
+                *scanned,
+                "which reader: {body}"
+            );
+            let outcome = parsed(bytes);
+            let oracle = reread_lists_every_task(&outcome, bytes);
+            assert_eq!(oracle, *expected, "the oracle itself: {body}");
+            assert_eq!(outcome.lists_every_task(), oracle, "{body}");
+            let envelope = Envelope::parse(bytes).unwrap();
+            assert_eq!(envelope.lists_every_task, oracle, "Envelope::parse: {body}");
+            assert_eq!(outcome.envelope().lists_every_task, oracle, "{body}");
+        }
+        // Both answers occur on both paths.
+        for path in [true, false] {
+            for answer in [true, false] {
+                assert!(
+                    bodies
+                        .iter()
+                        .any(|(_, scanned, expected)| *scanned == path && *expected == answer),
+                    "no body read by the {} with the answer {answer}",
+                    if path { "scanner" } else { "fallback" }
+                );
+            }
+        }
+    }
+
+    /// Where the second read failed for reasons of its own (a byte-order mark, nesting past
+    /// serde_json's limit in a field no reader looks at), the list the outcome read is whole.
+    #[test]
+    fn a_list_read_past_a_mark_or_deep_nesting_elsewhere_is_whole() {
+        let deep = format!(
+            r#"{{"code":0,"x":{}{},"data":[]}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
         );
-        assert!(!read(r#"[{"tasks":[{"id":"a","status":"submitted"}]}]"#));
-        assert!(read(
-            r#"[{"task_id":7,"task_status":"succeed"},{"id":"b","status":"failed"}]"#
-        ));
-        // Read as serde_json reads them: blanks around the colon, an escaped key.
-        assert!(read(" \t[ ]"));
-        let escaped = br#"{"code":0,"message":"SUCCEED","\u0064ata":[]}"#;
-        let outcome =
-            Outcome::parse(StatusCode::OK, &HeaderMap::new(), escaped, Instant::now()).unwrap();
-        assert!(outcome.lists_every_task(escaped));
-        // A text that names `"data":[` is no list.
-        let in_text = br#"{"code":0,"message":"\"data\":[]","data":null}"#;
-        let outcome =
-            Outcome::parse(StatusCode::OK, &HeaderMap::new(), in_text, Instant::now()).unwrap();
-        assert!(!outcome.lists_every_task(in_text));
-        // A body that ends in an escape's backslash is read to its end, not past it.
-        assert!(!may_hold_a_data_list(br#"{"data":"\"#));
-        let no_data = br#"{"code":0,"message":"SUCCEED"}"#;
-        let outcome =
-            Outcome::parse(StatusCode::OK, &HeaderMap::new(), no_data, Instant::now()).unwrap();
-        assert!(!outcome.lists_every_task(no_data));
+        for body in [
+            &b"\xEF\xBB\xBF{\"code\":0,\"data\":[]}"[..],
+            deep.as_bytes(),
+        ] {
+            let outcome = parsed(body);
+            assert!(outcome.lists_every_task());
+            assert!(!reread_lists_every_task(&outcome, body));
+        }
+    }
+
+    /// An error envelope whose fields do not all read is read for its code and texts alone:
+    /// its `data` was never read, so it lists nothing (the second read said otherwise; no
+    /// caller asks of an error).
+    #[tokio::test(start_paused = true)]
+    async fn an_error_read_for_its_code_alone_lists_nothing() {
+        let error =
+            br#"{"code":1102,"message":"resource pack exhausted","request_id":5,"data":[]}"#;
+        let outcome = Outcome::parse(
+            StatusCode::TOO_MANY_REQUESTS,
+            &HeaderMap::new(),
+            error,
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!(outcome.code(), Code::from_i64(1102));
+        assert!(!outcome.lists_every_task());
+        assert!(reread_lists_every_task(&outcome, error));
     }
 
     #[tokio::test(start_paused = true)]

@@ -80,7 +80,7 @@ pub fn read(body: &[u8], outcome: &Outcome, external_id: &str, new_style: bool) 
         [task] if task.external_id.is_none() && (new_style || data_is_object(body)) => {
             Lookup::Found(task.id.clone())
         }
-        [] if new_style && outcome.lists_every_task(body) => Lookup::NotFound,
+        [] if new_style && outcome.lists_every_task() => Lookup::NotFound,
         _ => Lookup::Inconclusive,
     }
 }

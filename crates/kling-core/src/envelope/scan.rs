@@ -21,7 +21,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use super::{Currency, Envelope, TaskReport, TaskStatus};
+use super::{Currency, DataShape, Envelope, TaskReport, TaskStatus};
 use crate::code::Code;
 use crate::request::ApiGeneration;
 
@@ -137,6 +137,8 @@ pub(crate) struct Head<'a> {
     pub(crate) code: i64,
     pub(crate) message: Option<Piece<'a>>,
     pub(crate) request_id: Option<Piece<'a>>,
+    /// `data` was a list every element of which was read as one task.
+    pub(crate) lists_every_task: bool,
 }
 
 impl Head<'_> {
@@ -147,6 +149,7 @@ impl Head<'_> {
             message: self.message.map(Piece::into_string).unwrap_or_default(),
             request_id: self.request_id.map(Piece::into_string),
             tasks: tasks.into_vec(),
+            lists_every_task: self.lists_every_task,
         }
     }
 }
@@ -273,6 +276,9 @@ struct RawTask {
     /// The one currency the billing items with an amount named (a string without escapes).
     currency: Option<Span>,
     page: Option<Vec<TaskReport>>,
+    /// A `tasks` key was there (a page, or `null`): the object is no task of a list's, as the
+    /// reference's [`DataShape`] has it.
+    has_tasks_key: bool,
 }
 
 /// Marks field `bit` seen; a second sighting is serde's "duplicate field" error.
@@ -991,6 +997,7 @@ impl<'a> Scanner<'a> {
         let mut code = None;
         let mut message = None;
         let mut request_id = None;
+        let mut data = DataShape::Other;
         let depth = deeper(0)?;
         let (mut done, mut i) = open(bytes, 0, b'{', b'}')?;
         while !done {
@@ -1025,7 +1032,9 @@ impl<'a> Scanner<'a> {
                 }
                 3 => {
                     first_sighting(&mut seen, 8)?;
-                    self.data(at_value, depth, tasks)?
+                    let end;
+                    (end, data) = self.data(at_value, depth, tasks)?;
+                    end
                 }
                 _ => skip(bytes, at_value, depth)?,
             };
@@ -1035,14 +1044,16 @@ impl<'a> Scanner<'a> {
             code: code.ok_or(Fallback)?,
             message,
             request_id,
+            lists_every_task: data.lists_every_task(),
         };
         Ok((head, i))
     }
 
     /// `data`, or an element of it, at `i`: what the reference's `TasksVisitor` reads with
-    /// `deserialize_any` (so strings and numbers are checked as read, not as skipped).
+    /// `deserialize_any` (so strings and numbers are checked as read, not as skipped), and
+    /// its shape as the reference records it.
     #[inline(always)]
-    fn data(&self, i: usize, depth: u32, tasks: &mut Reports) -> Scan<usize> {
+    fn data(&self, i: usize, depth: u32, tasks: &mut Reports) -> Scan<(usize, DataShape)> {
         let i = ws(self.bytes, i);
         if at(self.bytes, i) == Some(b'{') {
             let mut task = RawTask::default();
@@ -1051,27 +1062,35 @@ impl<'a> Scanner<'a> {
                 for report in page {
                     tasks.push(report);
                 }
-            } else {
-                self.report(&mut task, |report| tasks.push(report))?;
+                return Ok((i, DataShape::Other));
             }
-            return Ok(i);
+            let reported = self.report(&mut task, |report| tasks.push(report))?;
+            let shape = if reported && !task.has_tasks_key {
+                DataShape::Task
+            } else {
+                DataShape::Other
+            };
+            return Ok((i, shape));
         }
         self.data_other(i, depth, tasks)
     }
 
     /// [`Scanner::data`] of anything but an object.
     #[inline(never)]
-    fn data_other(&self, i: usize, depth: u32, tasks: &mut Reports) -> Scan<usize> {
+    fn data_other(&self, i: usize, depth: u32, tasks: &mut Reports) -> Scan<(usize, DataShape)> {
         let bytes = self.bytes;
-        match at(bytes, i) {
+        let end = match at(bytes, i) {
             Some(b'[') => {
                 let depth = deeper(depth)?;
+                let mut whole = true;
                 let (mut done, mut i) = open(bytes, i, b'[', b']')?;
                 while !done {
-                    i = self.data(i, depth, tasks)?;
+                    let shape;
+                    (i, shape) = self.data(i, depth, tasks)?;
+                    whole &= shape == DataShape::Task;
                     (done, i) = next_or_close(bytes, i, b']')?;
                 }
-                Ok(i)
+                return Ok((i, DataShape::List { whole }));
             }
             Some(b'"') => string_rest(bytes, i + 1, true).map(|(end, _)| end + 1),
             Some(b'-' | b'0'..=b'9') => {
@@ -1083,7 +1102,8 @@ impl<'a> Scanner<'a> {
             Some(b't') => literal(bytes, i, b"true"),
             Some(b'f') => literal(bytes, i, b"false"),
             _ => Err(Fallback),
-        }
+        }?;
+        Ok((end, DataShape::Other))
     }
 
     /// A task object at `i` (its `{`), with the reference's `RawTask` fields.
@@ -1162,6 +1182,7 @@ impl<'a> Scanner<'a> {
                 }
                 Field::Tasks => {
                     first_sighting(&mut seen, 1 << 12)?;
+                    t.has_tasks_key = true;
                     self.page(at_value, depth, t)?
                 }
                 Field::Other => skip(bytes, at_value, depth)?,
@@ -1178,9 +1199,9 @@ impl<'a> Scanner<'a> {
     /// is a copy of over 200 bytes per task.
     ///
     /// The report goes to `sink` (which puts it in its place) rather than being returned: an
-    /// `Option<TaskReport>` returned is one more copy of it.
+    /// `Option<TaskReport>` returned is one more copy of it. Returns whether there was one.
     #[inline(never)]
-    fn report(&self, t: &mut RawTask, sink: impl FnOnce(TaskReport)) -> Scan<()> {
+    fn report(&self, t: &mut RawTask, sink: impl FnOnce(TaskReport)) -> Scan<bool> {
         // An empty id names no task, as a missing or `null` one (only an unescaped string can
         // be empty).
         let named = |id: &Span| id.start != id.end;
@@ -1208,10 +1229,10 @@ impl<'a> Scanner<'a> {
                 cost,
                 cost_currency: None,
             });
-            return Ok(());
+            return Ok(true);
         }
         let (Some(id), Some(status)) = (t.id.filter(named), t.status) else {
-            return Ok(());
+            return Ok(false);
         };
         sink(TaskReport {
             id: self.owned(id)?,
@@ -1226,7 +1247,7 @@ impl<'a> Scanner<'a> {
                 None => None,
             },
         });
-        Ok(())
+        Ok(true)
     }
 
     /// A task status: the documented words are told from the body's bytes (no `str` slice);
