@@ -1,5 +1,6 @@
 //! [`RedisSlots`]: the task-slot [`SlotBackend`] in Redis.
 
+use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -2852,11 +2853,16 @@ fn int_at(items: &[Value], i: usize) -> Result<i64, StoreError> {
 }
 
 fn text(value: &Value) -> String {
+    text_in(value).into_owned()
+}
+
+/// [`text`] borrowed from the reply where it can be (UTF-8 text), for a value read and not kept.
+fn text_in(value: &Value) -> Cow<'_, str> {
     match value {
-        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        Value::Int(n) => n.to_string(),
-        _ => String::new(),
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes),
+        Value::SimpleString(s) => Cow::Borrowed(s),
+        Value::Int(n) => Cow::Owned(n.to_string()),
+        _ => Cow::Borrowed(""),
     }
 }
 
@@ -3139,6 +3145,9 @@ struct RanOut {
     /// `None`: its create's answer never came (or its grant was never held).
     task_id: Option<String>,
     external_id: Option<String>,
+    /// Its holding id, which begins with the instance id of the process that held it: a
+    /// grant left by a process that stopped has no other id.
+    holding: String,
     weight: u32,
 }
 
@@ -3183,6 +3192,7 @@ fn warn_lease_ran_out(task: &RanOut, pool: &Pool, held_for: Duration) {
             .as_deref()
             .unwrap_or("(unknown: its create's answer was lost)"),
         external_id = task.external_id.as_deref(),
+        holding = task.holding.as_str(),
         weight = task.weight,
         held_secs = held_for.as_secs(),
         "task slot released at the end of its lease, the task never reported ended: it may still \
@@ -3191,15 +3201,16 @@ fn warn_lease_ran_out(task: &RanOut, pool: &Pool, held_for: Duration) {
 }
 
 /// A release's reason as a script gives it when the lease ran out (see `maintain`), with its
-/// task field: the task's ids, else `None` (another reason).
-fn ran_out_ids(reason: &str, task: &str) -> Option<(Option<String>, Option<String>)> {
-    let task = (!task.is_empty()).then(|| task.to_owned());
+/// task field: the task's ids, else `None` (another reason). Borrowed: every release of a
+/// reply is read here, and only those whose lease ran out are copied for their warning.
+fn ran_out_ids<'a>(reason: &'a str, task: &'a str) -> Option<(Option<&'a str>, Option<&'a str>)> {
+    let task = (!task.is_empty()).then_some(task);
     match reason {
         "expired" => Some((task, None)),
         "expired?" => Some((None, task)),
         _ => reason
             .strip_prefix("expired:")
-            .map(|external| (task, Some(external.to_owned()))),
+            .map(|external| (task, Some(external))),
     }
 }
 
@@ -3221,20 +3232,20 @@ fn released_by(
     };
     for chunk in flat.chunks_exact(7) {
         let account = text(&chunk[0]);
-        let pool = text(&chunk[1]);
-        let Some(pool) = Pool::parse(&pool) else {
+        // Read in place: only the account and the holding are kept.
+        let Some(pool) = Pool::parse(&text_in(&chunk[1])) else {
             continue;
         };
-        let task = text(&chunk[2]);
+        let task = text_in(&chunk[2]);
         let weight = u32::try_from(int(&chunk[3])).unwrap_or(0);
         let since = int(&chunk[4]);
-        let reason = text(&chunk[5]);
+        let reason = text_in(&chunk[5]);
         // `=`: not to be counted: its end was counted already (by the release its report made
         // before Redis lost its state), or no task ended (a lookup found its create never
         // happened).
         let (counted_before, reason) = match reason.strip_prefix('=') {
             Some(reason) => (true, reason),
-            None => (false, reason.as_str()),
+            None => (false, &*reason),
         };
         let ran_out = ran_out_ids(reason, &task);
         let reason = match reason.strip_prefix("ended:") {
@@ -3242,13 +3253,14 @@ fn released_by(
             None if reason == "completed" => ReleaseReason::Completed,
             None => ReleaseReason::LeaseExpired,
         };
-        holdings.push(text(&chunk[6]));
+        let holding = text(&chunk[6]);
         let held_for = Duration::from_micros(now_us.saturating_sub(since).max(0) as u64);
         if count && !counted_before {
             let ran_out = ran_out.map(|(task_id, external_id)| RanOut {
                 account: account.clone(),
-                task_id,
-                external_id,
+                task_id: task_id.map(str::to_owned),
+                external_id: external_id.map(str::to_owned),
+                holding: holding.clone(),
                 weight,
             });
             finished.0.push(FinishedTask {
@@ -3260,11 +3272,12 @@ fn released_by(
         }
         released.push(Released {
             key: SlotKey::new(AccountId::new(account), pool),
-            task: (!task.is_empty()).then(|| Arc::from(task.as_str())),
+            task: (!task.is_empty()).then(|| Arc::from(&*task)),
             weight,
             held_for,
             reason,
         });
+        holdings.push(holding);
     }
     (released, holdings, finished)
 }

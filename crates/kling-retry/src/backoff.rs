@@ -76,8 +76,12 @@ impl DelayKind {
 /// lookup sent at once, and that "not found" would send the create again: a second billed
 /// task.
 ///
-/// Every duration must be positive but `retry_after_jitter` and `lookup_settle`;
-/// `max_backoff` (30 s) caps the exponential part.
+/// Every duration must be positive but `retry_after_jitter` and `lookup_settle`, which may be
+/// zero; `retry_after_jitter` at most `max_retry_after`, and both at most a day
+/// ([`kling_core::MAX_RETRY_AFTER`], the longest wait a server can ask for here): longer, they
+/// are waits no server asked for ([`validate`](Self::validate) refuses them). `max_backoff`
+/// (30 s) caps the exponential part only: a throttle or maintenance base above it still waits
+/// at least the base, and a transient base above it draws from `[0, max_backoff]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
     throttle_base: Duration,
@@ -144,7 +148,8 @@ impl Backoff {
         self
     }
 
-    /// Sets the most jitter added above a `Retry-After` hint (zero for none).
+    /// Sets the most jitter added above a `Retry-After` hint (zero for none; at most
+    /// `max_retry_after` and a day).
     pub fn retry_after_jitter(mut self, jitter: Duration) -> Self {
         self.retry_after_jitter = jitter;
         self
@@ -154,7 +159,10 @@ impl Backoff {
     /// least (on top of the backoff), so that its "no such task", which sends the create again,
     /// is not read before the server has recorded a task it is still making. Zero looks up
     /// after the backoff alone: only against a server that records a create before it answers
-    /// and whose lookups read what it recorded.
+    /// and whose lookups read what it recorded. At most a day. Not checked against the
+    /// deadline: a settle that does not fit before a call's ends that call without a lookup
+    /// ([`DeadlineExceeded`](crate::error::DeadlineExceeded), naming the external id), which
+    /// a caller that chose a short deadline may mean.
     pub fn lookup_settle(mut self, settle: Duration) -> Self {
         self.lookup_settle = settle;
         self
@@ -171,6 +179,25 @@ impl Backoff {
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "must be positive"));
+            }
+        }
+        // Jitter spreads callers over a wait the server asked for; longer than the longest
+        // such wait the layer takes, it is a wait of its own that no server asked for.
+        if self.retry_after_jitter > self.max_retry_after {
+            return Err(ConfigError::new(
+                "backoff.retry_after_jitter",
+                "must be at most `backoff.max_retry_after` (the longest `Retry-After` waited out)",
+            ));
+        }
+        for (field, value) in [
+            ("backoff.retry_after_jitter", self.retry_after_jitter),
+            ("backoff.lookup_settle", self.lookup_settle),
+        ] {
+            if value > kling_core::MAX_RETRY_AFTER {
+                return Err(ConfigError::new(
+                    field,
+                    "must be at most a day (86400 s, the longest `Retry-After` kling-core reads)",
+                ));
             }
         }
         Ok(())
@@ -277,6 +304,10 @@ impl Backoff {
     }
 }
 
+// `Backoff::validate`'s messages spell kling-core's ceiling out (a `ConfigError` holds text
+// fixed at compile time): they must change with it.
+const _: () = assert!(kling_core::MAX_RETRY_AFTER.as_secs() == 86_400);
+
 /// How finely tokio's timers fire: a sleep ends on the first whole millisecond of the timer's
 /// clock at or after its instant, so one drawn to end less than this before a deadline may
 /// wake at the deadline itself, when a retry is no longer sent.
@@ -314,6 +345,106 @@ mod tests {
         for (kind, label) in labels {
             assert_eq!(kind.as_str(), label, "{kind:?}");
         }
+    }
+
+    /// A year of jitter above every `Retry-After`, or a create's lookup a year after its
+    /// attempt, was taken silently: waits no one meant. The jitter stays within the longest
+    /// wait the layer takes from a server, the settle within the longest kling-core reads;
+    /// zero stays allowed for both.
+    #[test]
+    fn jitter_and_settle_past_their_bounds_are_refused() {
+        let day = kling_core::MAX_RETRY_AFTER;
+        let year = 365 * day;
+        let nano = Duration::from_nanos(1);
+        let refused = |backoff: Backoff| backoff.validate().unwrap_err().to_string();
+        for accepted in [
+            Backoff::new().retry_after_jitter(Duration::ZERO),
+            Backoff::new().retry_after_jitter(Duration::from_secs(120)),
+            Backoff::new()
+                .max_retry_after(3 * day)
+                .retry_after_jitter(day),
+            Backoff::new().lookup_settle(Duration::ZERO),
+            Backoff::new().lookup_settle(day),
+        ] {
+            assert_eq!(accepted.validate(), Ok(()), "{accepted:?}");
+        }
+        let over_limit = "invalid retry configuration: `backoff.retry_after_jitter` must be at \
+                          most `backoff.max_retry_after` (the longest `Retry-After` waited out)";
+        for jitter in [Duration::from_secs(120) + nano, year] {
+            assert_eq!(
+                refused(Backoff::new().retry_after_jitter(jitter)),
+                over_limit
+            );
+        }
+        assert_eq!(
+            refused(
+                Backoff::new()
+                    .max_retry_after(nano)
+                    .retry_after_jitter(2 * nano)
+            ),
+            over_limit
+        );
+        assert_eq!(
+            refused(
+                Backoff::new()
+                    .max_retry_after(3 * day)
+                    .retry_after_jitter(day + nano)
+            ),
+            "invalid retry configuration: `backoff.retry_after_jitter` must be at most a day \
+             (86400 s, the longest `Retry-After` kling-core reads)"
+        );
+        for settle in [day + nano, year, Duration::MAX] {
+            assert_eq!(
+                refused(Backoff::new().lookup_settle(settle)),
+                "invalid retry configuration: `backoff.lookup_settle` must be at most a day \
+                 (86400 s, the longest `Retry-After` kling-core reads)"
+            );
+        }
+    }
+
+    /// Sped up (a speed of 1 or more), rules `validate` accepted stay accepted: every duration
+    /// shrinks alike, and none to zero that was not. Slowed down, the jitter stays within
+    /// `max_retry_after` (both scale alike); only the day ceilings can be passed, and then the
+    /// rules do ask for waits that long.
+    #[test]
+    fn sped_up_rules_that_were_valid_stay_valid() {
+        let day = kling_core::MAX_RETRY_AFTER;
+        let nano = Duration::from_nanos(1);
+        let valid = [
+            Backoff::new(),
+            Backoff::new().retry_after_jitter(Duration::from_secs(120)),
+            Backoff::new()
+                .retry_after_jitter(Duration::ZERO)
+                .lookup_settle(Duration::ZERO),
+            Backoff::new()
+                .max_retry_after(3 * day)
+                .retry_after_jitter(day),
+            Backoff::new().lookup_settle(day),
+            Backoff::new()
+                .throttle_base(nano)
+                .transient_base(nano)
+                .maintenance_base(nano)
+                .max_backoff(nano)
+                .max_retry_after(nano)
+                .retry_after_jitter(nano)
+                .lookup_settle(nano),
+        ];
+        for backoff in valid {
+            assert_eq!(backoff.validate(), Ok(()), "{backoff:?}");
+            for speed in [1.0, 1.000_001, 1.5, 60.0, 1_000.0, 1e6, 1e300] {
+                let fast = backoff.sped_up(speed);
+                assert_eq!(fast.validate(), Ok(()), "{backoff:?} at speed {speed}");
+            }
+            for speed in [0.999, 0.5, 1e-3, 1e-300] {
+                let slow = backoff.sped_up(speed);
+                assert!(
+                    slow.retry_after_jitter <= slow.max_retry_after,
+                    "{backoff:?} at speed {speed}"
+                );
+            }
+        }
+        // A thousandth of real time, kling-tower's slowest speed: the defaults still pass.
+        assert_eq!(Backoff::new().sped_up(1e-3).validate(), Ok(()));
     }
 
     /// A speed that is zero, negative or not finite leaves the rules as they are: dividing by

@@ -1569,6 +1569,56 @@ async fn a_lease_that_runs_out_is_logged_with_the_task_it_held() {
     }
 }
 
+/// A grant whose process stopped before its create was answered (no task id, no external id
+/// yet) runs out in another process's script, which warns of it: by account and pool alone,
+/// nothing led an operator to the process or the holding. The warning names the holding, whose
+/// id begins with the stopped process's instance id. A grant given back before the process
+/// stopped is not warned of (the negative control).
+#[tokio::test]
+async fn a_grant_left_by_a_stopped_process_is_logged_with_its_holding() {
+    let Some(server) = redis() else { return };
+    let (logs, _capture) = crate::support::capture_logs();
+    let short = Duration::from_millis(1200);
+    let survivor = backend(&server, 3).await;
+    let stopped = RedisSlots::new(connect(&server).await, SlotsConfig::new(3).lease(short))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_millis(50))
+        .grace(Duration::from_millis(300));
+    let instance = format!("{stopped:?}")
+        .split_once("instance: \"")
+        .and_then(|(_, rest)| Some(rest.split_once('"')?.0.to_owned()))
+        .unwrap_or_else(|| panic!("no instance in {stopped:?}"));
+    let left = stopped.acquire(video(), 2).await.unwrap();
+    let given_back = stopped.acquire(video(), 1).await.unwrap();
+    stopped.apply(SlotOp::GiveBack(given_back)).await.unwrap();
+    // The process stops with its grant (a reservation is plain data: dropped, it gives
+    // nothing back).
+    let token = left.token;
+    drop(left);
+    drop(stopped);
+    tokio::time::sleep(short + Duration::from_millis(300)).await;
+    assert_eq!(in_use(&survivor).await, 0, "the grant's lease ran out");
+    let warnings: Vec<String> = logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains("end of its lease"))
+        .cloned()
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    let holding = format!(r#"holding="{instance}.{token}""#);
+    for part in [
+        holding.as_str(),
+        "account=acct",
+        "pool=video",
+        r#"task_id="(unknown: its create's answer was lost)""#,
+        "weight=2",
+    ] {
+        assert!(warnings[0].contains(part), "{part:?} in {}", warnings[0]);
+    }
+}
+
 /// While Redis is away, a report applied to the process's own record finds a holding by its
 /// external id within the report's account only, as the scripts do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

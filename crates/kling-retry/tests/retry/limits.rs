@@ -431,6 +431,18 @@ fn invalid_configuration_names_the_field() {
         .build()
         .unwrap_err();
     assert_eq!(err.field(), "backoff.throttle_base");
+    // A year's wait no server asked for: above every `Retry-After`, or before every lookup.
+    let year = Duration::from_secs(365 * 86_400);
+    for (backoff, field) in [
+        (
+            Backoff::new().retry_after_jitter(year),
+            "backoff.retry_after_jitter",
+        ),
+        (Backoff::new().lookup_settle(year), "backoff.lookup_settle"),
+    ] {
+        let err = RetryLayer::builder().backoff(backoff).build().unwrap_err();
+        assert_eq!(err.field(), field);
+    }
 }
 
 #[tokio::test(start_paused = true)]
