@@ -334,14 +334,22 @@ impl FollowPolicy {
             return err("follow.deadline", "must be above 0");
         }
         // The last query goes a shortest interval before the deadline: for a deadline that
-        // short, as the task starts, and no query could report it ended.
-        if self.deadline <= self.min_interval {
+        // short, as the task starts, and no query could report it ended. Judged as it runs
+        // too, divided by the speed: there a margin of a few nanoseconds rounds away (2 s and
+        // 2 s + 1 ns are both 666.666667 ms at speed 3), and `<=` does not survive rounding.
+        let rounds_away = self.scaled(self.deadline) <= self.scaled(self.min_interval);
+        if self.deadline <= self.min_interval || rounds_away {
             return Err(ConfigError::new(
                 "follow.deadline",
                 format!(
-                    "must be above min_interval ({:?}): the last query goes that long before the \
-                     deadline, which would send it as the task starts",
-                    self.min_interval
+                    "must be above min_interval ({:?}){}: the last query goes that long before \
+                     the deadline, which would send it as the task starts",
+                    self.min_interval,
+                    if self.deadline > self.min_interval {
+                        " once both are divided by the speed"
+                    } else {
+                        ""
+                    }
                 ),
             ));
         }

@@ -848,6 +848,8 @@ async fn a_jwt_on_a_new_style_endpoint_is_refused_before_it_is_sent() {
             true,
         ),
         ("GET", "/tasks?task_ids=a", "/tasks", false),
+        // No ids (read as a list or an empty query: the API key alone either way).
+        ("GET", "/tasks", "/tasks", false),
         ("POST", "/tasks", "/tasks", false),
     ] {
         let body = if method == "POST" {
@@ -914,7 +916,8 @@ async fn an_api_key_passes_on_new_style_endpoints() {
 }
 
 /// Through the whole stack on a mock with the same access key pair: a new-style create fails
-/// with the local error at once (no retry, no backoff) and the mock sees no request, while a
+/// with the local error at once (no retry, no backoff), offering a legacy create path (a
+/// `/tasks` query is offered the API key alone), and the mock sees no request, while a
 /// legacy create and `/account/costs` go through. The negative control shows what the check
 /// spares: the layer's own JWT, sent by hand to the same mock on the same path, is 401 1000.
 #[tokio::test(start_paused = true)]
@@ -936,6 +939,18 @@ async fn through_the_stack_a_jwt_new_style_create_fails_locally_and_the_mock_see
     let refused = api_key_required(&*error).unwrap_or_else(|| panic!("{error}"));
     assert_eq!(refused.path(), T2V_NEW);
     assert!(!kling_core::error::may_have_created(&*error));
+    assert!(
+        error.to_string().contains("/v1/"),
+        "a legacy create: {error}"
+    );
+    // A query, refused at the stack's entry as well: the API key alone is offered.
+    let query = stack
+        .clone()
+        .oneshot(request("GET", "/tasks?task_ids=a", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(api_key_required(&*query).map(|r| r.path()), Some("/tasks"));
+    assert!(!query.to_string().contains("/v1/"), "{query}");
     assert_eq!(mock.stats().requests_total, 0, "nothing was sent");
     assert_eq!(kling.snapshot().rate.requests, 0, "nor counted as sent");
     assert_eq!(kling.auth().tokens_signed(), 0);

@@ -290,6 +290,30 @@ fn a_deadline_not_above_the_shortest_interval_is_refused_naming_it() {
         .unwrap();
 }
 
+/// The deadline check holds for the policy that runs, divided by its speed: there a margin of
+/// a few nanoseconds rounds away (2 s + 1 ns and 2 s are both 666.666667 ms at speed 3), and
+/// such a follow queried once, as the task started, as one with a deadline of 2 s did. It
+/// passed validation at that speed; at speed 1, where the margin stays, it passes still, and
+/// so does a margin the speed keeps (2 s + 1 ms at speed 1000).
+#[test]
+fn a_deadline_that_rounds_to_the_shortest_interval_at_its_speed_is_refused() {
+    let just_above = Duration::from_secs(2) + Duration::from_nanos(1);
+    for speed in [3.0, 30.0, 1000.0] {
+        let policy = FollowPolicy::new().deadline(just_above).speed(speed);
+        let err = Follower::new(mock(60, 60), policy).unwrap_err();
+        assert_eq!(err.field(), "follow.deadline", "speed {speed}");
+        let message = err.to_string();
+        assert!(message.contains("above min_interval (2s)"), "{message}");
+        assert!(message.contains("divided by the speed"), "{message}");
+    }
+    FollowPolicy::new().deadline(just_above).validate().unwrap();
+    FollowPolicy::new()
+        .deadline(Duration::from_millis(2_001))
+        .speed(1000.0)
+        .validate()
+        .unwrap();
+}
+
 /// A last query slack beyond a year is refused, naming it, as every other duration is.
 #[test]
 fn a_last_query_slack_beyond_a_year_is_refused_naming_it() {
