@@ -1738,27 +1738,46 @@ fn same_key(a: &SlotKey, b: &SlotKey) -> bool {
         }
 }
 
-/// Says that a task's slots went back because its lease ran out: nothing reported the task
-/// for a whole lease (no query, callback or listing), so it may still run on the server, and
-/// the freed slot may meet a `1303`. Usually a sign that tasks are not followed, or that the
-/// lease is shorter than they run.
-#[cold]
-fn warn_lease_ran_out(
-    key: &SlotKey,
-    (id, external): (Option<&SmallId>, Option<&SmallId>),
+/// A task whose slots went back because its lease ran out, kept to be logged once the lock is
+/// released: a subscriber may be slow (a blocked pipe, a slow disk), and while the lock is
+/// held every create and query of every pool waits for it.
+struct LeaseRanOut {
+    key: SlotKey,
+    id: Option<SmallId>,
+    external: Option<SmallId>,
     weight: u32,
     held_for: Duration,
-) {
-    tracing::warn!(
-        account = %key.account,
-        pool = %key.pool,
-        task_id = id.map_or("(unknown: its create's answer was lost)", SmallId::as_str),
-        external_id = external.map(SmallId::as_str),
-        weight,
-        held_secs = held_for.as_secs(),
-        "task slot released at the end of its lease, the task never reported ended: it may still \
-         be running on the server"
-    );
+}
+
+/// Says, for each of `ran_out`, that a task's slots went back because its lease ran out:
+/// nothing reported the task for a whole lease (no query, callback or listing), so it may
+/// still run on the server, and the freed slot may meet a `1303`. Usually a sign that tasks
+/// are not followed, or that the lease is shorter than they run. Call it without the lock.
+#[inline]
+fn warn_leases_ran_out(ran_out: &[LeaseRanOut]) {
+    if !ran_out.is_empty() {
+        warn_each_lease_ran_out(ran_out);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn warn_each_lease_ran_out(ran_out: &[LeaseRanOut]) {
+    for lease in ran_out {
+        tracing::warn!(
+            account = %lease.key.account,
+            pool = %lease.key.pool,
+            task_id = lease
+                .id
+                .as_ref()
+                .map_or("(unknown: its create's answer was lost)", SmallId::as_str),
+            external_id = lease.external.as_ref().map(SmallId::as_str),
+            weight = lease.weight,
+            held_secs = lease.held_for.as_secs(),
+            "task slot released at the end of its lease, the task never reported ended: it may \
+             still be running on the server"
+        );
+    }
 }
 
 impl State {
@@ -1866,12 +1885,6 @@ impl State {
             let account = scope_of(&pool.key.account);
             externals.remove_hashed(holding.hashes[1], account, ext.as_bytes(), place);
         }
-        if matches!(why, Why::LeaseExpired) {
-            let ids = (holding.id.as_ref(), holding.external.as_ref());
-            let held_for = now.saturating_duration_since(since);
-            // (Caught while the thread unwinds, as a recorder's panic is: see `call_recorder`.)
-            call_recorder(|| warn_lease_ran_out(&pool.key, ids, weight, held_for));
-        }
         let task = out.is_some().then(|| {
             let id = holding.id.as_ref().or(holding.external.as_ref());
             id.map(|id| Arc::from(id.as_str()))
@@ -1901,8 +1914,9 @@ impl State {
         }
     }
 
-    /// Expires leases and brings hidden slots back by time, for one pool.
-    fn maintain(&mut self, index: usize, now: Instant, released: &mut Vec<Released>) {
+    /// Expires leases and brings hidden slots back by time, for one pool; the leases that ran
+    /// out are added to `ran_out`, for the caller to log once it releases the lock.
+    fn maintain(&mut self, index: usize, now: Instant, ran_out: &mut Vec<LeaseRanOut>) {
         let interval = self.config.recovery_interval;
         let Some(pool) = self.list.get_mut(index) else {
             return;
@@ -1928,8 +1942,17 @@ impl State {
                 .map(|(slot, _)| slot)
                 .collect();
             each_completing(expired.into_iter(), |slot| {
-                let out = Some(&mut *released);
-                self.release((index, slot), Why::LeaseExpired, now, out, false);
+                let pool = &self.list[index];
+                if let Some(holding) = pool.holdings.get(slot).and_then(Entry::held) {
+                    ran_out.push(LeaseRanOut {
+                        key: pool.key.clone(),
+                        id: holding.id.clone(),
+                        external: holding.external.clone(),
+                        weight: holding.weight,
+                        held_for: now.saturating_duration_since(holding.since),
+                    });
+                }
+                self.release((index, slot), Why::LeaseExpired, now, None, false);
             });
             let pool = &mut self.list[index];
             pool.next_lease = pool.live().map(|(_, h)| h.lease_until).min();
@@ -3111,10 +3134,10 @@ impl SlotBackend for InProcess {
         let mut state = self.lock();
         let now = Instant::now();
         let count = state.list.len();
-        let mut expired = Vec::new();
+        let mut ran_out = Vec::new();
         let mut pools = Vec::with_capacity(count);
         for index in 0..count {
-            state.maintain(index, now, &mut expired);
+            state.maintain(index, now, &mut ran_out);
             let pool = &state.list[index];
             pools.push(PoolSnapshot {
                 in_use: pool.in_use,
@@ -3125,6 +3148,8 @@ impl SlotBackend for InProcess {
                 key: pool.key.clone(),
             });
         }
+        drop(state);
+        warn_leases_ran_out(&ran_out);
         pools.sort_by(|a, b| a.key.cmp(&b.key));
         ready(Ok(pools))
     }
@@ -3168,7 +3193,23 @@ impl Future for InProcessAcquire {
     type Output = Result<Reservation, AcquireError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
+        let mut ran_out = Vec::new();
+        let poll = self.poll_locked(cx, &mut ran_out);
+        // The lock is released: a slow subscriber holds up no other create or query.
+        warn_leases_ran_out(&ran_out);
+        poll
+    }
+}
+
+impl InProcessAcquire {
+    /// [`poll`](Future::poll) under the lock, which is released on return; the leases that
+    /// ran out meanwhile are added to `ran_out`.
+    fn poll_locked(
+        &mut self,
+        cx: &mut Context<'_>,
+        ran_out: &mut Vec<LeaseRanOut>,
+    ) -> Poll<Result<Reservation, AcquireError>> {
+        let this = self;
         let Some(key) = this.key.as_ref() else {
             panic!("InProcessAcquire polled after completion");
         };
@@ -3208,8 +3249,7 @@ impl Future for InProcessAcquire {
                         // About to refuse: first end the leases that ran out and bring back
                         // the hidden slots that are due, which nothing else does for a pool
                         // nobody waits in (with a bound of 0, nobody ever does).
-                        let mut expired = Vec::new();
-                        state.maintain(index, Instant::now(), &mut expired);
+                        state.maintain(index, Instant::now(), ran_out);
                         let pool = &mut state.list[index];
                         if pool.grant_at_once(weight) {
                             let key = this.key.take().expect("checked above");
@@ -3232,9 +3272,8 @@ impl Future for InProcessAcquire {
                 Some(token) => token,
             };
             let now = Instant::now();
-            let mut expired = Vec::new();
             let index = state.index(key);
-            state.maintain(index, now, &mut expired);
+            state.maintain(index, now, ran_out);
             let interval = state.config.recovery_interval;
             let pool = &mut state.list[index];
             if let Some(refusals) = pool.take_grant(token) {
@@ -5764,5 +5803,83 @@ mod tests {
             "{} slots",
             slots(&backend)
         );
+    }
+
+    /// Notes, for each WARN this crate writes, whether the backend's lock was free then (a
+    /// subscriber that takes it, or stalls on a slow writer, must not hold up every pool).
+    struct LockWatch {
+        shared: Arc<Mutex<State>>,
+        free_at_warn: Arc<Mutex<Vec<bool>>>,
+    }
+
+    impl tracing::Subscriber for LockWatch {
+        fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+            *metadata.level() <= tracing::Level::WARN
+                && metadata.target().starts_with("kling_concurrency")
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {
+            // A try, not a wait: on this thread a held lock would deadlock a `lock()`.
+            let free = self.shared.try_lock().is_ok();
+            self.free_at_warn.lock().unwrap().push(free);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// The warning of a lease that ran out is written once the backend's lock is released,
+    /// whichever path ends the lease: a snapshot, a waiting create's poll, and a create about
+    /// to be refused by a full queue.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_that_runs_out_is_logged_outside_the_lock() {
+        let lease = Duration::from_secs(600);
+        let backend = InProcess::new(SlotsConfig::new(1).max_queue(1)).unwrap();
+        let free_at_warn = Arc::new(Mutex::new(Vec::new()));
+        let watch = LockWatch {
+            shared: backend.shared.clone(),
+            free_at_warn: free_at_warn.clone(),
+        };
+        let _guard = tracing::subscriber::set_default(watch);
+        let warned = || std::mem::take(&mut *free_at_warn.lock().unwrap());
+
+        // A snapshot.
+        hold(&backend, key(), Some("t-snapshot"), None);
+        tokio::time::advance(lease).await;
+        assert_eq!(pool(&backend, "a"), (0, 0));
+        assert_eq!(warned(), [true], "a snapshot");
+
+        // A create waiting for the slot.
+        hold(&backend, key(), Some("t-waited-for"), None);
+        let mut waiting = tokio_test::task::spawn(backend.acquire(key(), 1));
+        assert!(waiting.poll().is_pending());
+        assert_eq!(warned(), Vec::<bool>::new(), "no lease ran out yet");
+        tokio::time::advance(lease).await;
+        let Poll::Ready(Ok(granted)) = waiting.poll() else {
+            panic!("served when the lease ends")
+        };
+        assert_eq!(warned(), [true], "a waiting create");
+
+        // A create the full queue would refuse, but for the lease that ran out.
+        let op = SlotOp::Hold {
+            reservation: granted,
+            task: TaskRef {
+                id: Some("t-queue-full".to_owned()),
+                external_id: None,
+            },
+            lease,
+        };
+        now(backend.apply(op)).unwrap();
+        let mut queued = tokio_test::task::spawn(backend.acquire(key(), 1));
+        assert!(queued.poll().is_pending());
+        tokio::time::advance(lease).await;
+        // The freed slot goes to the create queued first, and this one joins the queue.
+        let mut next = tokio_test::task::spawn(backend.acquire(key(), 1));
+        assert!(next.poll().is_pending(), "not refused: the queue moved");
+        assert_eq!(warned(), [true], "a create at a full queue");
+        assert!(matches!(queued.poll(), Poll::Ready(Ok(_))));
     }
 }
