@@ -718,8 +718,10 @@ fn new_style_jobs(jobs: &[crate::jobs::Job]) -> Vec<&crate::jobs::Job> {
 /// The jobs of `jobs` that a run on `journal` still sends a request for on their endpoint: to
 /// create (not recorded, or never created), to look up a create of unknown outcome, to follow
 /// a task, or to ask a succeeded task for the result URLs it named none of. A job that ended
-/// sends nothing there (its missing result files are fetched from their URLs, not from Kling's
-/// API). One recorded under another endpoint is counted: its record is not this job's.
+/// is not: its missing result files are fetched from their URLs, and only a URL refused within
+/// its 30 days sends its task's query (for fresh ones), which the pair meets with a warning,
+/// the file left for a run with an API key, the run going on. One recorded under another
+/// endpoint is counted: its record is not this job's.
 fn still_to_send<'a>(
     journal: &Journal,
     jobs: Vec<&'a crate::jobs::Job>,

@@ -606,7 +606,7 @@ fn main_file(file: &Path) -> MainFile {
 /// deletes it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum WalFile {
-    /// Nothing (a dangling symbolic link included).
+    /// Nothing.
     Missing,
     /// An empty file: the log a checkpoint truncated, or an empty file put in place of a lost
     /// one, which SQLite reads as no log at all.
@@ -614,7 +614,7 @@ enum WalFile {
     /// A write-ahead log by its first bytes, or one that cannot be read (SQLite then says
     /// why).
     Log,
-    /// Another file.
+    /// Another file, or a symbolic link to nothing.
     NotALog,
 }
 
@@ -626,7 +626,14 @@ impl WalFile {
         use std::io::Read as _;
         let mut file = match std::fs::File::open(wal) {
             Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return WalFile::Missing,
+            // A symbolic link to nothing is not nothing: SQLite cannot open a log through it,
+            // and beside a missing journal file had made an empty one first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return match std::fs::symlink_metadata(wal) {
+                    Ok(_) => WalFile::NotALog,
+                    Err(_) => WalFile::Missing,
+                };
+            }
             Err(_) => return WalFile::Log,
         };
         let mut start = Vec::with_capacity(4);
@@ -746,6 +753,21 @@ impl Journal {
         } else {
             path.to_owned()
         };
+        // A folder that is not there: SQLite drops `missing/..` from a path by its letters,
+        // where the checks below, asking the system, found nothing at it, and it opened the
+        // journal the path named without them (a `-wal` beside no file deleted so).
+        if let Some(folder) = path.parent().filter(|f| !f.as_os_str().is_empty())
+            && std::fs::metadata(folder).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        {
+            return Err(JournalError::new(
+                "its folder does not exist",
+                format!(
+                    "{} is not there; nothing was written: create the folder, or give a path \
+                     in one that exists",
+                    folder.display()
+                ),
+            ));
+        }
         // A file cut to 0 bytes reads as a new journal: a resume on it would send every
         // create again, billed twice.
         if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0) {
@@ -1767,7 +1789,9 @@ mod tests {
     /// refused, naming both, and left byte for byte as it was: SQLite made a new empty file
     /// there and, finding it no page long, deleted the log, the only record of the jobs
     /// created, and the run created every job again (billed twice). Through a symbolic link
-    /// whose target is missing too; with the file put back, the journal opens whole.
+    /// whose target is missing too, and through `missing/..` (which SQLite drops by the
+    /// letters); a `-wal` that links to nothing is refused before SQLite makes a file; with
+    /// the file put back, the journal opens whole.
     #[test]
     fn a_wal_whose_journal_file_is_missing_is_refused_and_kept() {
         let dir = scratch("lonewal");
@@ -1811,6 +1835,36 @@ mod tests {
             std::os::unix::fs::symlink(&lone, &link).unwrap();
             refused(&link);
         }
+        // A `-wal` that is a symbolic link to nothing, beside no file: refused before SQLite
+        // made an empty journal file (which it did, then failed to open the log through the
+        // link), and the link left; so beside a journal file.
+        #[cfg(unix)]
+        {
+            let dangling = dir.join("dangling.sqlite");
+            std::os::unix::fs::symlink(dir.join("nowhere"), wal_path(&dangling)).unwrap();
+            let error = Journal::open(&dangling)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("is no write-ahead log"), "{error}");
+            assert!(!dangling.exists(), "no file made");
+            assert!(
+                std::fs::symlink_metadata(wal_path(&dangling)).is_ok(),
+                "link kept"
+            );
+            let beside = dir.join("beside.sqlite");
+            drop(Journal::open(&beside).unwrap());
+            std::os::unix::fs::symlink(dir.join("nowhere"), wal_path(&beside)).unwrap();
+            let error = Journal::open(&beside).map(|_| ()).unwrap_err().to_string();
+            assert!(error.contains("is no write-ahead log"), "{error}");
+        }
+        // Through a folder that is not there and `..`, which SQLite drops by the letters
+        // (and opened the file beside the log as a new journal, the log deleted).
+        let through = dir.join("missing").join("..").join("lone.sqlite");
+        let error = Journal::open(&through).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("its folder does not exist"), "{error}");
+        assert_eq!(std::fs::read(wal_path(&lone)).unwrap(), log, "the log kept");
+        assert!(!lone.exists(), "no file made");
         // Put back, it opens with the job's mark.
         std::fs::rename(&moved, &lone).unwrap();
         let journal = Journal::open(&lone).unwrap();

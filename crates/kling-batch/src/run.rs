@@ -684,7 +684,7 @@ impl Engine {
             tokio::select! {
                 biased;
                 () = &mut stopped => {}
-                () = self.adopt_slots(&queued, &creating, &created) => {}
+                () = self.adopt_slots(jobs, &creating, &created) => {}
             }
         }
         let started = std::time::SystemTime::now();
@@ -1016,13 +1016,15 @@ impl Engine {
     /// only means the slots layer learns the real count through 1303s). A list entry does not
     /// say its model, so each job's task is placed in its job's pool by its task id (`created`)
     /// or its external id (`creating`); a task of no job here goes to its product's (or
-    /// path's) pool. New-style products are listed for the jobs this run sends for
-    /// (`queued`, `creating`, `created`) alone: no slot of a finished job's pool is taken, and
-    /// a resume with the access key pair whose new-style jobs all ended (which `/tasks`
-    /// refuses) is not halted by the list.
+    /// path's) pool. The new-style products listed are those of every job of the file, ended
+    /// ones too: their pools may be those this run creates in (two products of one model, or
+    /// every product of a kind with `pool_scope = product`), filled by tasks of other runs.
+    /// None with the access key pair, which `/tasks` refuses: the list's refusal halted a
+    /// resume whose new-style jobs had all ended (the run refuses the pair when one is still
+    /// to send, so none creates in a pool only that list would fill).
     async fn adopt_slots(
         &self,
-        queued: &[&Job],
+        jobs: &[Job],
         creating: &[(&Job, String, JobState, bool)],
         created: &[(&Job, String)],
     ) {
@@ -1034,11 +1036,11 @@ impl Engine {
             plan = plan.task_in(task.clone(), job.pool());
         }
         let mut seen = Vec::new();
-        let to_send = queued
+        let listed = self.stack.lists_new_style_tasks();
+        for job in jobs
             .iter()
-            .chain(creating.iter().map(|(job, ..)| job))
-            .chain(created.iter().map(|(job, _)| job));
-        for job in to_send.filter(|j| j.generation() == ApiGeneration::New) {
+            .filter(|j| listed && j.generation() == ApiGeneration::New)
+        {
             let product = job
                 .endpoint
                 .trim_start_matches('/')

@@ -173,6 +173,16 @@ impl Stack {
         with_layer!(&self.limits, layer => layer.monitor())
     }
 
+    /// Whether these credentials may list new-style tasks (`POST /tasks`): an API key may,
+    /// the access key pair may not (Kling takes only an API key there, and the auth layer
+    /// refuses such a request before sending it).
+    pub fn lists_new_style_tasks(&self) -> bool {
+        let mut list = Request::new(());
+        *list.method_mut() = http::Method::POST;
+        *list.uri_mut() = http::Uri::from_static("/tasks");
+        with_layer!(&self.limits, layer => layer.auth().check_endpoint(&list).is_ok())
+    }
+
     /// Usage now: rate, slots, 429s, tasks.
     pub fn snapshot(&self) -> Snapshot {
         with_layer!(&self.limits, layer => layer.snapshot())

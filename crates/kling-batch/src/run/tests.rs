@@ -1890,7 +1890,7 @@ async fn a_resumed_run_adopts_each_models_tasks_into_its_own_pool() {
         JobState::Creating,
         false,
     )];
-    engine.adopt_slots(&[], &creating, &created).await;
+    engine.adopt_slots(&jobs, &creating, &created).await;
     let in_use = |pool: &str| {
         let snapshot = engine.stack.snapshot();
         snapshot
@@ -1904,6 +1904,83 @@ async fn a_resumed_run_adopts_each_models_tasks_into_its_own_pool() {
         (in_use("video:kling-3.0"), in_use("video:kling-2.6")),
         (1, 2)
     );
+}
+
+/// A resume lists the running tasks of the products of every new-style job of its file,
+/// ended ones too: another run's `text-to-video` task holds a slot of `video:kling-3.0`, the
+/// pool this run's `image-to-video` job creates in, and is adopted there although this
+/// file's `text-to-video` job has ended. (Listed for the jobs still to send alone, it was
+/// not, and the run's creates went into 1303s.) With the access key pair nothing is listed
+/// on `/tasks`, which refuses it, and the run is not halted (it was, by the refusal).
+#[tokio::test]
+async fn a_resume_lists_the_tasks_of_its_ended_jobs_products_with_an_api_key_alone() {
+    let server = kling_mock::MockServer::start(
+        MockConfig::preset(Preset::Pro)
+            .speed(1000.0)
+            .task_duration(Duration::from_secs(36_000), Duration::from_secs(36_000))
+            .api_key("key")
+            .access_key("ak", "sk"),
+    )
+    .await
+    .unwrap();
+    let (jobs, errors) = parse_jobs(
+        "{\"id\":\"ended\",\"prompt\":\"a\",\"endpoint\":\"/text-to-video/kling-3.0\"}\n\
+         {\"id\":\"next\",\"prompt\":\"b\",\"endpoint\":\"/image-to-video/kling-3.0\",\
+         \"image\":\"https://example.com/x.png\"}\n",
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(jobs[0].pool(), jobs[1].pool());
+    let stack = |credentials: Credentials| {
+        Stack::new(
+            StackConfig::preset(Tier::Pro).speed(1000.0),
+            credentials,
+            &server.base_url(),
+        )
+        .unwrap()
+    };
+    // Another run's task, of no job of this file.
+    let other = Request::post("/text-to-video/kling-3.0")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"prompt":"elsewhere"}"#)))
+        .unwrap();
+    let answer = stack(Credentials::api_key("key").unwrap())
+        .service()
+        .oneshot(other)
+        .await
+        .unwrap();
+    assert!(Outcome::of(&answer).unwrap().task().is_some());
+    let engine = |credentials: Credentials| {
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&jobs).unwrap();
+        let url = Update {
+            urls: Some(vec!["https://cdn.example/ended.mp4".to_owned()]),
+            ..Update::task("t-ended")
+        };
+        for state in [JobState::Creating, JobState::Created, JobState::Succeeded] {
+            journal.transition("ended", state, url.clone()).unwrap();
+        }
+        let options = RunOptions::new(default_follow_policy(1.0));
+        Engine::new(stack(credentials), journal, options).unwrap()
+    };
+    let in_use = |engine: &Engine| {
+        let snapshot = engine.stack.snapshot();
+        snapshot
+            .pools
+            .iter()
+            .filter(|p| p.pool == "video:kling-3.0")
+            .map(|p| p.in_use)
+            .sum::<u32>()
+    };
+    let with_key = engine(Credentials::api_key("key").unwrap());
+    with_key.adopt_slots(&jobs, &[], &[]).await;
+    assert_eq!(in_use(&with_key), 1, "the other run's task adopted");
+    let lists = server.stats().requests_total;
+    let with_pair = engine(Credentials::access_key("ak", "sk").unwrap());
+    with_pair.adopt_slots(&jobs, &[], &[]).await;
+    assert!(!with_pair.halted.load(Ordering::SeqCst), "not halted");
+    assert!(with_pair.halt_reason.lock().unwrap().is_none());
+    // The legacy paths were listed all the same.
+    assert!(server.stats().requests_total > lists);
 }
 
 /// A Kling and result server in one, on a free local port: a query of a legacy task
