@@ -569,8 +569,9 @@ mod tests {
         }
     }
 
-    /// Where the second read failed for reasons of its own (a byte-order mark, nesting past
-    /// serde_json's limit in a field no reader looks at), the list the outcome read is whole.
+    /// Where the second read failed for reasons of its own (a byte-order mark; in a field no
+    /// reader looks at, nesting past serde_json's limit, a lone surrogate escape, a number
+    /// past `f64`'s range, a byte that is no UTF-8), the list the outcome read is whole.
     #[test]
     fn a_list_read_past_a_mark_or_deep_nesting_elsewhere_is_whole() {
         let deep = format!(
@@ -581,10 +582,53 @@ mod tests {
         for body in [
             &b"\xEF\xBB\xBF{\"code\":0,\"data\":[]}"[..],
             deep.as_bytes(),
+            br#"{"code":0,"x":"\ud800","data":[]}"#,
+            br#"{"code":0,"data":[{"id":"a","status":"failed","x":1e400}]}"#,
+            b"{\"code\":0,\"x\":\"\xFF\",\"data\":[]}",
         ] {
             let outcome = parsed(body);
             assert!(outcome.lists_every_task());
             assert!(!reread_lists_every_task(&outcome, body));
+        }
+    }
+
+    /// Neither of two `data` keys is taken (the second read took the last): a success so
+    /// written is malformed, an error is read for its code alone and lists nothing.
+    #[test]
+    fn two_data_keys_list_nothing() {
+        let success = br#"{"code":0,"data":[{"id":"a"}],"data":[]}"#;
+        assert!(
+            Outcome::parse(StatusCode::OK, &HeaderMap::new(), success, Instant::now()).is_err()
+        );
+        let error = br#"{"code":1303,"data":[{"id":"a"}],"data":[]}"#;
+        let outcome = parsed(error);
+        assert_eq!(outcome.code(), Code::from_i64(1303));
+        assert!(!outcome.lists_every_task());
+        assert!(reread_lists_every_task(&outcome, error));
+    }
+
+    /// No reader keeps fewer tasks than a long list holds (the fallback's visitor caps only
+    /// the room it reserves), so a whole list of thousands reports each, on both paths; one
+    /// element not read among them makes it not whole.
+    #[test]
+    fn a_long_list_is_read_to_its_end_on_both_paths() {
+        let tasks: Vec<String> = (0..3000)
+            .map(|i| format!(r#"{{"id":"t{i}","status":"submitted","external_id":"e{i}"}}"#))
+            .collect();
+        let whole = format!("[{}]", tasks.join(","));
+        let one_unread = format!(r#"[{},{{"id":"x"}}]"#, tasks.join(","));
+        for (data, expected) in [(whole, true), (one_unread, false)] {
+            for head in [r#"{"code":0"#, r#"{"code":0,"\u0078":1"#] {
+                let body = format!(r#"{head},"data":{data}}}"#);
+                let mut scanned = Reports::None;
+                assert_eq!(
+                    envelope::scan(body.as_bytes(), &mut scanned).is_ok(),
+                    !head.contains('\\')
+                );
+                let outcome = parsed(body.as_bytes());
+                assert_eq!(outcome.tasks().len(), 3000, "{head}");
+                assert_eq!(outcome.lists_every_task(), expected, "{head}");
+            }
         }
     }
 

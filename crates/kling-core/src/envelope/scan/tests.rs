@@ -811,6 +811,8 @@ struct Meaning {
     request_id: Option<String>,
     /// Each task's id, status, generation, external id, cost and the cost's currency.
     tasks: Vec<TaskMeaning>,
+    /// `data` is a list every element of which is itself one task (`Outcome::lists_every_task`).
+    lists_every_task: bool,
 }
 
 impl Meaning {
@@ -835,6 +837,7 @@ impl Meaning {
                     )
                 })
                 .collect(),
+            lists_every_task: envelope.lists_every_task,
         }
     }
 }
@@ -857,6 +860,18 @@ fn meaning(envelope: &serde_json::Value) -> Option<Meaning> {
             Some(data) => data_meaning(data)?,
             None => Vec::new(),
         },
+        lists_every_task: fields
+            .get("data")
+            .and_then(Value::as_array)
+            .is_some_and(|list| list.iter().all(is_one_task)),
+    })
+}
+
+/// Whether an element of a `data` list is itself one task: an object that names its task and
+/// holds no `tasks` key (`null` included), so that no page or list inside it stands in for it.
+fn is_one_task(element: &serde_json::Value) -> bool {
+    element.as_object().is_some_and(|fields| {
+        !fields.contains_key("tasks") && matches!(task_meaning(fields), Some(Some(_)))
     })
 }
 
@@ -1069,8 +1084,13 @@ enum Compared {
     Skipped,
     /// The rules say it does not read as a whole, and no reader took a task from it.
     Unreadable,
-    /// Read alike, with this many tasks, the scanner itself taking it or not.
-    Read { tasks: usize, scanner: bool },
+    /// Read alike, with this many tasks, the scanner itself taking it or not, and whether
+    /// `data` was a list read in whole.
+    Read {
+        tasks: usize,
+        scanner: bool,
+        whole: bool,
+    },
 }
 
 /// Checks every reader of `body` against its `Value` reading.
@@ -1108,6 +1128,7 @@ fn agree_with_value(body: &[u8]) -> Compared {
             Compared::Read {
                 tasks: expected.tasks.len(),
                 scanner: scanned.is_some(),
+                whole: expected.lists_every_task,
             }
         }
         None => {
@@ -1253,6 +1274,125 @@ fn adversarial_bodies_agree_with_a_plain_value_reading() {
     }
 }
 
+/// An element of a `data` list: mostly a task that names itself (either generation, a text
+/// or a number for id, any status word), else a shape that is no task of a list's: one that
+/// also holds a `tasks` key (a page, `[]`, `null`), one without id or status or with an empty
+/// id, a list holding a task, an empty object, a scalar (one every reader reads).
+fn list_element() -> BoxedStrategy<Node> {
+    let id = prop_oneof![
+        3 => "[a-z0-9]{1,8}".prop_map(|id| Node::Raw(format!("\"{id}\""))),
+        1 => (0..1_000_000_u32).prop_map(|id| Node::Raw(id.to_string())),
+    ];
+    let named = (any::<bool>(), id, status(), any::<bool>())
+        .prop_map(|(legacy, id, status, external)| {
+            let (id_key, status_key) = if legacy {
+                ("task_id", "task_status")
+            } else {
+                ("id", "status")
+            };
+            let mut fields = vec![(id_key.to_owned(), id), (status_key.to_owned(), status)];
+            if external {
+                fields.push(match legacy {
+                    true => (
+                        "task_info".to_owned(),
+                        Node::Obj(vec![("external_task_id".to_owned(), raw("\"e\""))]),
+                    ),
+                    false => ("external_id".to_owned(), raw("\"e\"")),
+                });
+            }
+            Node::Obj(fields)
+        })
+        .boxed();
+    let page = prop_oneof![
+        Just(raw("null")),
+        Just(Node::Arr(Vec::new())),
+        named.clone().prop_map(|task| Node::Arr(vec![task])),
+    ];
+    let with_a_page = (named.clone(), page).prop_map(|(task, page)| match task {
+        Node::Obj(mut fields) => {
+            fields.push(("tasks".to_owned(), page));
+            Node::Obj(fields)
+        }
+        other => other,
+    });
+    let unnamed = named.clone().prop_map(|task| match task {
+        // Without its status, or with an empty id.
+        Node::Obj(mut fields) if fields.len() > 2 => {
+            fields[0].1 = raw("\"\"");
+            Node::Obj(fields)
+        }
+        Node::Obj(mut fields) => {
+            fields.truncate(1);
+            Node::Obj(fields)
+        }
+        other => other,
+    });
+    prop_oneof![
+        12 => named.clone(),
+        2 => with_a_page,
+        1 => unnamed,
+        1 => named.prop_map(|task| Node::Arr(vec![task])),
+        1 => Just(Node::Obj(Vec::new())),
+        1 => prop_oneof![
+            Just(raw("null")),
+            Just(raw("true")),
+            Just(raw("7")),
+            Just(raw("\"t1\"")),
+        ],
+    ]
+    .boxed()
+}
+
+/// `lists_every_task` on generated `data` lists, on both paths (the scanner, and its fallback
+/// beside an escaped key): every reader agrees with the reference and with the `Value`
+/// reading, which says whole only when each element is itself a task. The generator of
+/// `the_readers_agree_with_a_plain_value_reading` seldom makes such a list, and never one with
+/// an element that holds a page.
+#[test]
+fn a_list_is_whole_alike_in_every_reader() {
+    use proptest::test_runner::{Config, TestRunner};
+    let mut runner = TestRunner::new(Config {
+        cases: 1000,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let counts = std::cell::RefCell::new(std::collections::BTreeMap::<(bool, bool), usize>::new());
+    let strategy = (
+        proptest::collection::vec(list_element(), 0..5),
+        any::<bool>(),
+        proptest::collection::vec(any::<u8>(), 0..16),
+    );
+    runner
+        .run(&strategy, |(list, escaped, ws)| {
+            let mut fields = vec![("code".to_owned(), raw("0"))];
+            if escaped {
+                fields.push(("\\u0078".to_owned(), raw("1")));
+            }
+            fields.push(("data".to_owned(), Node::Arr(list)));
+            let mut text = String::new();
+            Node::Obj(fields).render(&mut ws.into_iter().chain(std::iter::repeat(9)), &mut text);
+            let took = agree(text.as_bytes());
+            let Compared::Read { scanner, whole, .. } = agree_with_value(text.as_bytes()) else {
+                panic!("not read: {text}");
+            };
+            prop_assert_eq!(took, scanner);
+            *counts.borrow_mut().entry((scanner, whole)).or_default() += 1;
+            Ok(())
+        })
+        .unwrap();
+    // Both answers on both paths, often enough to mean something.
+    let counts = counts.into_inner();
+    for scanner in [true, false] {
+        for whole in [true, false] {
+            let n = counts.get(&(scanner, whole)).copied().unwrap_or(0);
+            assert!(
+                n >= 100,
+                "only {n} cases of scanner {scanner}, whole {whole}: {counts:?}"
+            );
+        }
+    }
+}
+
 /// `text` with each character inside its strings (keys included) that `picks` chooses written as
 /// a `\u` escape, in either case of hex: the same JSON to serde_json, spelled another way.
 fn escape_in_strings(text: &str, picks: &[u8]) -> String {
@@ -1364,7 +1504,7 @@ proptest! {
         prop_assert!(agree(text.as_bytes()), "fell back on {}", text);
         let compared = agree_with_value(text.as_bytes());
         prop_assert!(
-            matches!(compared, Compared::Read { tasks: 1, scanner: true } | Compared::Skipped),
+            matches!(compared, Compared::Read { tasks: 1, scanner: true, .. } | Compared::Skipped),
             "{:?} {}",
             compared,
             text
