@@ -77,9 +77,12 @@ impl DelayKind {
 /// task.
 ///
 /// Every duration must be positive but `retry_after_jitter` and `lookup_settle`, which may be
-/// zero; `retry_after_jitter` at most `max_retry_after`, and both at most a day
+/// zero; `retry_after_jitter` at most the longest wait it is added to (`max_retry_after`, or
+/// the throttle or maintenance base when larger: the floor a hint is raised to). The waits
+/// (the three bases, the jitter, the settle) are at most a day
 /// ([`kling_core::MAX_RETRY_AFTER`], the longest wait a server can ask for here): longer, they
-/// are waits no server asked for ([`validate`](Self::validate) refuses them). `max_backoff`
+/// are waits no server asked for ([`validate`](Self::validate) refuses them). The caps
+/// (`max_backoff`, `max_retry_after`) have no ceiling: a larger cap waits no longer. `max_backoff`
 /// (30 s) caps the exponential part only: a throttle or maintenance base above it still waits
 /// at least the base, and a transient base above it draws from `[0, max_backoff]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,19 +117,19 @@ impl Backoff {
     }
 
     /// Sets the base and floor of throttled and slot-full waits (Kling advises 1 s or more; go
-    /// lower only against a sped-up mock).
+    /// lower only against a sped-up mock). At most a day.
     pub fn throttle_base(mut self, base: Duration) -> Self {
         self.throttle_base = base;
         self
     }
 
-    /// Sets the base of transient-fault waits.
+    /// Sets the base of transient-fault waits (at most a day).
     pub fn transient_base(mut self, base: Duration) -> Self {
         self.transient_base = base;
         self
     }
 
-    /// Sets the base and floor of maintenance (`5001`) waits.
+    /// Sets the base and floor of maintenance (`5001`) waits (at most a day).
     pub fn maintenance_base(mut self, base: Duration) -> Self {
         self.maintenance_base = base;
         self
@@ -148,8 +151,9 @@ impl Backoff {
         self
     }
 
-    /// Sets the most jitter added above a `Retry-After` hint (zero for none; at most
-    /// `max_retry_after` and a day).
+    /// Sets the most jitter added above a `Retry-After` hint (zero for none; at most a day,
+    /// and at most `max_retry_after` or the throttle or maintenance base, whichever is
+    /// largest: the longest wait it is added to).
     pub fn retry_after_jitter(mut self, jitter: Duration) -> Self {
         self.retry_after_jitter = jitter;
         self
@@ -182,14 +186,25 @@ impl Backoff {
             }
         }
         // Jitter spreads callers over a wait the server asked for; longer than the longest
-        // such wait the layer takes, it is a wait of its own that no server asked for.
-        if self.retry_after_jitter > self.max_retry_after {
+        // such wait the layer takes, it is a wait of its own that no server asked for. That
+        // wait is the hint raised to its kind's floor: a `max_retry_after` below a floor (as
+        // documented) still waits the floor, and the jitter over it.
+        if self.retry_after_jitter > self.longest_hinted_wait() {
             return Err(ConfigError::new(
                 "backoff.retry_after_jitter",
-                "must be at most `backoff.max_retry_after` (the longest `Retry-After` waited out)",
+                "must be at most the longest wait it is added to: `backoff.max_retry_after` \
+                 (the longest `Retry-After` waited out), or the throttle or maintenance base \
+                 when larger (the floor a `Retry-After` is raised to)",
             ));
         }
+        // The waits taken as they are set (a base is the least wait of its kind), not the
+        // caps: a `max_backoff` or `max_retry_after` above a day waits no longer (the latter
+        // ends the call at a day all the same), and a speed of a thousandth takes the default
+        // two minutes of `max_retry_after` past a day.
         for (field, value) in [
+            ("backoff.throttle_base", self.throttle_base),
+            ("backoff.transient_base", self.transient_base),
+            ("backoff.maintenance_base", self.maintenance_base),
             ("backoff.retry_after_jitter", self.retry_after_jitter),
             ("backoff.lookup_settle", self.lookup_settle),
         ] {
@@ -201,6 +216,14 @@ impl Backoff {
             }
         }
         Ok(())
+    }
+
+    /// The longest wait a `Retry-After` can be waited out as, before its jitter: the hint
+    /// up to `max_retry_after`, raised to its kind's floor.
+    fn longest_hinted_wait(&self) -> Duration {
+        self.max_retry_after
+            .max(self.throttle_base)
+            .max(self.maintenance_base)
     }
 
     /// Scales every duration by `1 / speed`, for a mock that runs `speed` times faster than
@@ -369,7 +392,9 @@ mod tests {
             assert_eq!(accepted.validate(), Ok(()), "{accepted:?}");
         }
         let over_limit = "invalid retry configuration: `backoff.retry_after_jitter` must be at \
-                          most `backoff.max_retry_after` (the longest `Retry-After` waited out)";
+                          most the longest wait it is added to: `backoff.max_retry_after` (the \
+                          longest `Retry-After` waited out), or the throttle or maintenance base \
+                          when larger (the floor a `Retry-After` is raised to)";
         for jitter in [Duration::from_secs(120) + nano, year] {
             assert_eq!(
                 refused(Backoff::new().retry_after_jitter(jitter)),
@@ -379,6 +404,8 @@ mod tests {
         assert_eq!(
             refused(
                 Backoff::new()
+                    .throttle_base(nano)
+                    .maintenance_base(nano)
                     .max_retry_after(nano)
                     .retry_after_jitter(2 * nano)
             ),
@@ -400,6 +427,81 @@ mod tests {
                  (86400 s, the longest `Retry-After` kling-core reads)"
             );
         }
+    }
+
+    /// A base of a year (a throttled, transient or maintenance retry a year later, or, under a
+    /// deadline, every such call ended at its first refusal) was taken silently, where the
+    /// jitter and the settle are refused past a day: every wait set is now held to a day. The
+    /// caps are not: a larger one waits no longer, and "no cap" (`Duration::MAX`) stays valid.
+    #[test]
+    fn a_base_past_a_day_is_refused_and_a_cap_is_not() {
+        let day = kling_core::MAX_RETRY_AFTER;
+        let nano = Duration::from_nanos(1);
+        type Setter = fn(Backoff, Duration) -> Backoff;
+        let bases: [(&str, Setter); 3] = [
+            ("backoff.throttle_base", Backoff::throttle_base),
+            ("backoff.transient_base", Backoff::transient_base),
+            ("backoff.maintenance_base", Backoff::maintenance_base),
+        ];
+        for (field, set) in bases {
+            let uncapped = Backoff::new().max_backoff(Duration::MAX);
+            assert_eq!(set(uncapped, day).validate(), Ok(()), "{field}");
+            for past in [day + nano, 365 * day, Duration::MAX] {
+                let error = set(uncapped, past).validate().unwrap_err();
+                assert_eq!(error.field(), field);
+                assert_eq!(
+                    error.to_string(),
+                    format!(
+                        "invalid retry configuration: `{field}` must be at most a day (86400 s, \
+                         the longest `Retry-After` kling-core reads)"
+                    )
+                );
+            }
+        }
+        for cap in [
+            Backoff::new().max_backoff(Duration::MAX),
+            Backoff::new().max_retry_after(Duration::MAX),
+            Backoff::new()
+                .max_backoff(Duration::MAX)
+                .max_retry_after(Duration::MAX),
+        ] {
+            assert_eq!(cap.validate(), Ok(()), "{cap:?}");
+        }
+    }
+
+    /// A `max_retry_after` below the default jitter (half a second), which the docs allow
+    /// below the floors, was refused unless the jitter was lowered too: the jitter is added
+    /// over the hint raised to its kind's floor (a `1302`'s `Retry-After: 0` waits 1 s plus the
+    /// jitter whatever the limit), so it is bounded by the longest of those waits, not by the
+    /// limit alone. Past them it is still refused.
+    #[test]
+    fn a_jitter_within_the_floors_is_accepted_under_a_lower_max_retry_after() {
+        let nano = Duration::from_nanos(1);
+        let low_limit = Backoff::new().max_retry_after(Duration::from_millis(100));
+        assert_eq!(low_limit.validate(), Ok(()));
+        // The maintenance base (5 s) is the longest floor by default, then the throttle base.
+        let five = Duration::from_secs(5);
+        assert_eq!(low_limit.retry_after_jitter(five).validate(), Ok(()));
+        let three = Duration::from_secs(3);
+        let throttle_longest = low_limit
+            .throttle_base(three)
+            .maintenance_base(Duration::from_secs(1));
+        assert_eq!(
+            throttle_longest.retry_after_jitter(three).validate(),
+            Ok(())
+        );
+        for refused in [
+            low_limit.retry_after_jitter(five + nano),
+            throttle_longest.retry_after_jitter(three + nano),
+        ] {
+            assert_eq!(
+                refused.validate().map_err(|e| e.field()),
+                Err("backoff.retry_after_jitter"),
+                "{refused:?}"
+            );
+        }
+        // Slowed down, they scale alike: still accepted.
+        assert_eq!(low_limit.sped_up(1e-3).validate(), Ok(()));
     }
 
     /// Sped up (a speed of 1 or more), rules `validate` accepted stay accepted: every duration

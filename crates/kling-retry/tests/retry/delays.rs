@@ -307,6 +307,44 @@ async fn a_retry_after_under_a_low_max_retry_after_still_waits_the_kinds_floor()
     }
 }
 
+/// A `max_retry_after` below the default jitter (half a second) builds: the layer raises a
+/// `1302`'s `Retry-After: 0` to the 1 s floor and spreads the retries over the jitter above
+/// it, as documented for a limit below the floor (it was refused as a jitter above the limit).
+#[tokio::test(start_paused = true)]
+async fn a_max_retry_after_below_the_default_jitter_still_spreads_retries_over_the_floor() {
+    let jitter = Duration::from_millis(500);
+    let mut gaps = Vec::new();
+    for seed in 0..10 {
+        let (server, log) = kling(|_, i| {
+            Reply::Now(if i < 1 {
+                with_header(code(1302), "retry-after", "0")
+            } else {
+                task("t1", None)
+            })
+        });
+        let client = RetryLayer::builder()
+            .seed(seed)
+            .backoff(Backoff::new().max_retry_after(Duration::from_millis(100)))
+            .build()
+            .unwrap()
+            .layer(server);
+        send(&client, get("/v1/videos/text2video/t1"))
+            .await
+            .unwrap();
+        let seen = log.all();
+        let gap = seen[1].at - seen[0].at;
+        let floor = Duration::from_secs(1);
+        assert!(
+            gap >= floor && gap <= floor + jitter,
+            "seed {seed}: {gap:?}"
+        );
+        gaps.push(gap);
+    }
+    gaps.sort();
+    gaps.dedup();
+    assert!(gaps.len() > 5, "the jitter spreads the retries: {gaps:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn throttled_retries_wait_at_least_a_second_and_transient_ones_use_full_jitter() {
     let backoff = Backoff::new();

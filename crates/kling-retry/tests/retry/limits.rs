@@ -431,7 +431,8 @@ fn invalid_configuration_names_the_field() {
         .build()
         .unwrap_err();
     assert_eq!(err.field(), "backoff.throttle_base");
-    // A year's wait no server asked for: above every `Retry-After`, or before every lookup.
+    // A year's wait no server asked for: above every `Retry-After`, before every lookup, or
+    // before every retry of a kind.
     let year = Duration::from_secs(365 * 86_400);
     for (backoff, field) in [
         (
@@ -439,6 +440,15 @@ fn invalid_configuration_names_the_field() {
             "backoff.retry_after_jitter",
         ),
         (Backoff::new().lookup_settle(year), "backoff.lookup_settle"),
+        (Backoff::new().throttle_base(year), "backoff.throttle_base"),
+        (
+            Backoff::new().transient_base(year),
+            "backoff.transient_base",
+        ),
+        (
+            Backoff::new().maintenance_base(year),
+            "backoff.maintenance_base",
+        ),
     ] {
         let err = RetryLayer::builder().backoff(backoff).build().unwrap_err();
         assert_eq!(err.field(), field);
