@@ -1753,31 +1753,46 @@ struct LeaseRanOut {
 /// nothing reported the task for a whole lease (no query, callback or listing), so it may
 /// still run on the server, and the freed slot may meet a `1303`. Usually a sign that tasks
 /// are not followed, or that the lease is shorter than they run. Call it without the lock.
+///
+/// Should the subscriber panic, `on_panic` runs before the panic goes on: what the caller took
+/// under the lock (a create's grant) is plain data, and would be lost with its slots.
 #[inline]
-fn warn_leases_ran_out(ran_out: &[LeaseRanOut]) {
+fn warn_leases_ran_out(ran_out: &[LeaseRanOut], on_panic: impl FnOnce()) {
     if !ran_out.is_empty() {
-        warn_each_lease_ran_out(ran_out);
+        warn_each_lease_ran_out(ran_out, on_panic);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn warn_each_lease_ran_out(ran_out: &[LeaseRanOut]) {
-    for lease in ran_out {
-        tracing::warn!(
-            account = %lease.key.account,
-            pool = %lease.key.pool,
-            task_id = lease
-                .id
-                .as_ref()
-                .map_or("(unknown: its create's answer was lost)", SmallId::as_str),
-            external_id = lease.external.as_ref().map(SmallId::as_str),
-            weight = lease.weight,
-            held_secs = lease.held_for.as_secs(),
-            "task slot released at the end of its lease, the task never reported ended: it may \
-             still be running on the server"
-        );
+fn warn_each_lease_ran_out(ran_out: &[LeaseRanOut], on_panic: impl FnOnce()) {
+    let warn_all = || each_completing(ran_out.iter(), warn_lease_ran_out);
+    let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(warn_all)) else {
+        return;
+    };
+    // As `call_recorder`: while the thread already unwinds, a second panic would abort, and
+    // the caller keeps what it took.
+    if std::thread::panicking() {
+        return;
     }
+    on_panic();
+    std::panic::resume_unwind(panic);
+}
+
+fn warn_lease_ran_out(lease: &LeaseRanOut) {
+    tracing::warn!(
+        account = %lease.key.account,
+        pool = %lease.key.pool,
+        task_id = lease
+            .id
+            .as_ref()
+            .map_or("(unknown: its create's answer was lost)", SmallId::as_str),
+        external_id = lease.external.as_ref().map(SmallId::as_str),
+        weight = lease.weight,
+        held_secs = lease.held_for.as_secs(),
+        "task slot released at the end of its lease, the task never reported ended: it may \
+         still be running on the server"
+    );
 }
 
 impl State {
@@ -3149,7 +3164,7 @@ impl SlotBackend for InProcess {
             });
         }
         drop(state);
-        warn_leases_ran_out(&ran_out);
+        warn_leases_ran_out(&ran_out, || {});
         pools.sort_by(|a, b| a.key.cmp(&b.key));
         ready(Ok(pools))
     }
@@ -3196,7 +3211,13 @@ impl Future for InProcessAcquire {
         let mut ran_out = Vec::new();
         let poll = self.poll_locked(cx, &mut ran_out);
         // The lock is released: a slow subscriber holds up no other create or query.
-        warn_leases_ran_out(&ran_out);
+        warn_leases_ran_out(&ran_out, || {
+            if let Poll::Ready(Ok(granted)) = &poll {
+                let give_back = SlotOp::GiveBack(granted.clone());
+                let mut state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+                state.apply(give_back, None, true);
+            }
+        });
         poll
     }
 }
@@ -5881,5 +5902,106 @@ mod tests {
         assert!(next.poll().is_pending(), "not refused: the queue moved");
         assert_eq!(warned(), [true], "a create at a full queue");
         assert!(matches!(queued.poll(), Poll::Ready(Ok(_))));
+    }
+
+    /// Panics on every WARN of this crate, as a broken subscriber or layer would, counting
+    /// them first.
+    #[derive(Default)]
+    struct PanicsOnWarn(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl tracing::Subscriber for PanicsOnWarn {
+        fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+            *metadata.level() <= tracing::Level::WARN
+                && metadata.target().starts_with("kling_concurrency")
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            panic!("the subscriber fails");
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// A waiting create granted the slot of a lease that ran out, whose warning the subscriber
+    /// panics on, gives the grant back before the panic goes on: the grant is plain data, and
+    /// dropped in the unwinding it would keep the slot taken for good.
+    #[tokio::test(start_paused = true)]
+    async fn a_subscriber_panicking_on_the_lease_warning_keeps_no_slot() {
+        let lease = Duration::from_secs(600);
+        let backend = InProcess::new(SlotsConfig::new(1)).unwrap();
+        hold(&backend, key(), Some("t-ran-out"), None);
+        let mut waiting = tokio_test::task::spawn(backend.acquire(key(), 1));
+        assert!(waiting.poll().is_pending());
+        tokio::time::advance(lease).await;
+        let polled = {
+            let _guard = tracing::subscriber::set_default(PanicsOnWarn::default());
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waiting.poll()))
+        };
+        assert!(polled.is_err(), "the subscriber's panic goes on");
+        drop(waiting);
+        assert_eq!(pool(&backend, "a"), (0, 0), "the grant was given back");
+        assert!(
+            now(backend.acquire(key(), 1)).is_ok(),
+            "and is granted again"
+        );
+    }
+
+    /// Polled while the thread already unwinds (a drop that finishes a create), a subscriber's
+    /// panic on the warning is caught rather than aborting the process, and the create keeps
+    /// the slot it was granted (given back, it would be counted free while the caller holds
+    /// it).
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_warning_panicking_while_unwinding_is_caught_and_the_grant_kept() {
+        struct PollOnDrop<'a> {
+            waiting: &'a mut tokio_test::task::Spawn<InProcessAcquire>,
+            polled: &'a mut Option<Poll<Result<Reservation, AcquireError>>>,
+        }
+        impl Drop for PollOnDrop<'_> {
+            fn drop(&mut self) {
+                let _guard = tracing::subscriber::set_default(PanicsOnWarn::default());
+                *self.polled = Some(self.waiting.poll());
+            }
+        }
+        let lease = Duration::from_secs(600);
+        let backend = InProcess::new(SlotsConfig::new(1)).unwrap();
+        hold(&backend, key(), Some("t-ran-out"), None);
+        let mut waiting = tokio_test::task::spawn(backend.acquire(key(), 1));
+        assert!(waiting.poll().is_pending());
+        tokio::time::advance(lease).await;
+        let mut polled = None;
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _poll_on_drop = PollOnDrop {
+                waiting: &mut waiting,
+                polled: &mut polled,
+            };
+            panic!("the caller's own panic");
+        }));
+        assert!(unwound.is_err());
+        assert!(matches!(polled, Some(Poll::Ready(Ok(_)))), "{polled:?}");
+        assert_eq!(pool(&backend, "a"), (1, 0), "the create holds its grant");
+    }
+
+    /// One warning's panic leaves no other lease that ran out unwritten (the two of a
+    /// snapshot), and then goes on; the slots are back all the same.
+    #[tokio::test(start_paused = true)]
+    async fn every_lease_is_warned_of_when_one_warning_panics() {
+        let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
+        hold(&backend, key(), Some("t-first"), None);
+        hold(&backend, key(), Some("t-second"), None);
+        tokio::time::advance(Duration::from_secs(600)).await;
+        let subscriber = PanicsOnWarn::default();
+        let warned = subscriber.0.clone();
+        let snapshot = {
+            let _guard = tracing::subscriber::set_default(subscriber);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| now(backend.snapshot())))
+        };
+        assert!(snapshot.is_err(), "the subscriber's panic goes on");
+        assert_eq!(warned.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(pool(&backend, "a"), (0, 0));
     }
 }
