@@ -43,7 +43,8 @@ async fn main() -> Result<(), BoxError> {
     println!("created task {task_id}");
 
     loop {
-        // The mock enforces Pro's 60 requests per minute (one per 100 ms at this speed).
+        // Poll just after the task's 0.1 s. At this speed Pro's 60 requests a minute allow one
+        // every 1.7 ms, so the polls stay far inside the mock's rate limit.
         tokio::time::sleep(Duration::from_millis(120)).await;
         let query = http::Request::get(format!("{base}/v1/videos/text2video/{task_id}"))
             .header("authorization", "Bearer demo-key")

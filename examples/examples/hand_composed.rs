@@ -1,6 +1,7 @@
 //! A stack composed by hand with `ServiceBuilderExt`, one method per layer, in the
 //! recommended order — here with five task slots in every pool (the eight jobs are all
-//! `kling-3.0` videos, so one pool, `video:kling-3.0`, is used) and no spend guard.
+//! `kling-3.0` videos, so one pool, `video:kling-3.0`, is used), and without the drain gate
+//! and the spend guard, which a hand-made stack may leave out.
 //!
 //! Run: `cargo run -p kling-examples --example hand_composed`
 
@@ -91,14 +92,18 @@ async fn main() -> Result<(), BoxError> {
     let snapshot = monitor.snapshot();
     println!("tasks {:?}, 429s {:?}", snapshot.tasks, snapshot.rejections);
     assert_eq!(snapshot.tasks.created, 8);
-    assert!(
-        slots_handle
-            .snapshot()
-            .await?
-            .pools()
-            .iter()
-            .all(|p| p.in_use == 0)
+    let slots = slots_handle.snapshot().await?;
+    let pools: Vec<String> = slots
+        .pools()
+        .iter()
+        .map(|p| p.key.pool.to_string())
+        .collect();
+    assert_eq!(
+        pools,
+        ["video:kling-3.0"],
+        "the model's own pool, and no other"
     );
+    assert!(slots.pools().iter().all(|p| p.in_use == 0));
     assert!(!mock.stats().responses_by_code.contains_key("1303"));
     mock.shutdown().await;
     Ok(())

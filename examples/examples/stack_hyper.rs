@@ -1,5 +1,6 @@
 //! The whole stack in one line on hyper-util's HTTPS client: twenty jobs through the Pro
-//! preset against an embedded kling-mock on Pro, at the same speed factor, with no refusal.
+//! preset against an embedded kling-mock on Pro, at the same speed factor, with no slot
+//! refusal (1303) and all five slots in use at the peak.
 //!
 //! Run: `cargo run -p kling-examples --example stack_hyper`
 
