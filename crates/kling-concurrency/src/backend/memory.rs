@@ -5929,26 +5929,62 @@ mod tests {
 
     /// A waiting create granted the slot of a lease that ran out, whose warning the subscriber
     /// panics on, gives the grant back before the panic goes on: the grant is plain data, and
-    /// dropped in the unwinding it would keep the slot taken for good.
+    /// dropped in the unwinding it would keep the slot taken for good. Given back once: the
+    /// future is done, and its drop gives nothing back again (another task's slot stays
+    /// counted, where a second give-back would free it).
     #[tokio::test(start_paused = true)]
     async fn a_subscriber_panicking_on_the_lease_warning_keeps_no_slot() {
         let lease = Duration::from_secs(600);
-        let backend = InProcess::new(SlotsConfig::new(1)).unwrap();
+        let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
         hold(&backend, key(), Some("t-ran-out"), None);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        hold(&backend, key(), Some("t-still-held"), None);
         let mut waiting = tokio_test::task::spawn(backend.acquire(key(), 1));
         assert!(waiting.poll().is_pending());
-        tokio::time::advance(lease).await;
+        tokio::time::advance(lease - Duration::from_secs(60)).await;
         let polled = {
             let _guard = tracing::subscriber::set_default(PanicsOnWarn::default());
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waiting.poll()))
         };
         assert!(polled.is_err(), "the subscriber's panic goes on");
         drop(waiting);
-        assert_eq!(pool(&backend, "a"), (0, 0), "the grant was given back");
+        assert_eq!(
+            pool(&backend, "a"),
+            (1, 1),
+            "the grant was given back, once"
+        );
         assert!(
             now(backend.acquire(key(), 1)).is_ok(),
             "and is granted again"
         );
+        let mut over = tokio_test::task::spawn(backend.acquire(key(), 1));
+        assert!(over.poll().is_pending(), "and no slot was freed twice");
+    }
+
+    /// A create still waiting when the subscriber panics on the warning (the slot freed is
+    /// too few for it) stays in the queue: polled again it still waits, and dropped it leaves,
+    /// taking nothing along and holding up no create behind it.
+    #[tokio::test(start_paused = true)]
+    async fn a_subscriber_panicking_on_the_lease_warning_leaves_a_waiter_waiting() {
+        let lease = Duration::from_secs(600);
+        let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
+        hold(&backend, key(), Some("t-ran-out"), None);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        hold(&backend, key(), Some("t-still-held"), None);
+        let mut waiting = tokio_test::task::spawn(backend.acquire(key(), 2));
+        assert!(waiting.poll().is_pending());
+        tokio::time::advance(lease - Duration::from_secs(60)).await;
+        let polled = {
+            let _guard = tracing::subscriber::set_default(PanicsOnWarn::default());
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waiting.poll()))
+        };
+        assert!(polled.is_err(), "the subscriber's panic goes on");
+        let waiters = || now(backend.snapshot()).unwrap()[0].waiters;
+        assert_eq!((pool(&backend, "a"), waiters()), ((1, 1), 1));
+        assert!(waiting.poll().is_pending(), "still waiting");
+        drop(waiting);
+        assert_eq!((pool(&backend, "a"), waiters()), ((1, 1), 0));
+        assert!(now(backend.acquire(key(), 1)).is_ok(), "nobody left ahead");
     }
 
     /// Polled while the thread already unwinds (a drop that finishes a create), a subscriber's
