@@ -11,6 +11,16 @@
 //! the handle ([`with_drain`](crate::follow::Follower::with_drain)) holds a [`DrainGuard`] for each
 //! `follow`, so a drain waits for the tasks it follows to end (their queries still pass).
 //!
+//! A create admitted before the gate closed that a layer below still holds back unsent when it
+//! closes (waiting for its rate turn or a task slot, or in the retry layer's backoff after
+//! attempts that made no task: kling-core's `SendWatch`) is refused too, with the same error,
+//! and dropped, so those layers give back what they held for it (its slot, its turn, its
+//! credit estimate). Let through, it was sent after the drain began, made a task nobody
+//! followed in a process shutting down, and held the drain up until then (for a slot, up to
+//! its retry deadline). A create on its way, or one that may have made a task, goes on, and
+//! the drain waits for its answer. Below a stack with no layer that reports holding a create
+//! back, no create admitted before the gate closed is refused.
+//!
 //! ```
 //! use bytes::Bytes;
 //! use http_body_util::Full;
@@ -53,12 +63,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
+use http::uri::PathAndQuery;
 use http::{Method, Request};
+use kling_core::signals::SendWatch;
 use kling_core::{BoxError, PeekBody, Recognized, RequestKind};
 use pin_project_lite::pin_project;
 use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -76,6 +89,16 @@ struct Common {
     /// reopening left waiting was never woken again.
     waiting: AtomicUsize,
     idle: Notify,
+    /// Wakes the creates held back unsent below the gate when it closes, to refuse them.
+    closing: Arc<Notify>,
+}
+
+impl Common {
+    /// Closes the gate, and wakes the creates waiting below it to be refused.
+    fn close(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.closing.notify_waiters();
+    }
 }
 
 /// Counts a drain as waiting ([`Common::waiting`]) until it returns or is dropped.
@@ -241,6 +264,9 @@ impl DrainHandle {
     /// Queries and lists admitted after the gate closed are not waited for (their stream may
     /// never pause); a follower's still are, through the guard of the task it follows.
     ///
+    /// A create admitted earlier and still held back unsent below the gate is refused with
+    /// [`Draining`] (see the [module docs](self)).
+    ///
     /// A [`reopen`](Self::reopen) meanwhile does not call it off: it still returns once
     /// nothing is in flight (the creates admitted since included), with the gate open.
     ///
@@ -249,7 +275,7 @@ impl DrainHandle {
         // Counted as waiting before the gate closes and the shards are read: a guard that
         // leaves after this reads it and wakes the drain, or left before the read.
         let _waiting = Waiting::new(&self.gate.common);
-        self.gate.common.draining.store(true, Ordering::SeqCst);
+        self.gate.common.close();
         loop {
             let idle = self.gate.common.idle.notified();
             tokio::pin!(idle);
@@ -261,9 +287,10 @@ impl DrainHandle {
         }
     }
 
-    /// Stops admitting creates without waiting.
+    /// Stops admitting creates without waiting (those held back unsent below the gate are
+    /// refused too, as by [`drain`](Self::drain)).
     pub fn close(&self) {
-        self.gate.common.draining.store(true, Ordering::SeqCst);
+        self.gate.common.close();
     }
 
     /// Admits creates again.
@@ -402,30 +429,84 @@ where
             return ResponseFuture {
                 future: None,
                 guard: None,
+                held: None,
                 refused: Some(Box::new(refused)),
             };
         }
-        // A `POST` the router does not recognise may be a create endpoint newer than this crate
-        // (the retry layer treats it so): refused too, so none goes out after a drain.
-        let admitted = self.gate.admit(|| {
-            request.method() == Method::POST
-                && matches!(
-                    Recognized::of(&mut request).kind,
-                    RequestKind::Create | RequestKind::Other
-                )
-        });
+        let admitted = self.gate.admit(|| creates(&mut request));
         match admitted {
-            Ok(guard) => ResponseFuture {
-                future: Some(self.inner.call(request)),
-                guard,
-                refused: None,
-            },
+            Ok(guard) => {
+                // A create admitted while the gate is open: refused still, should the gate close
+                // while a layer below holds it back unsent.
+                let held = (guard.is_some() && creates(&mut request)).then(|| HeldCreate {
+                    watch: SendWatch::shared(&mut request),
+                    path: request.uri().path_and_query().cloned(),
+                    closing: None,
+                });
+                ResponseFuture {
+                    future: Some(self.inner.call(request)),
+                    guard,
+                    held,
+                    refused: None,
+                }
+            }
             Err(()) => ResponseFuture {
                 future: None,
                 guard: None,
+                held: None,
                 refused: Some(Box::new(Draining::new(request.uri().path()))),
             },
         }
+    }
+}
+
+/// Whether the closed gate keeps `request` out: a create, or a `POST` the router does not
+/// recognise, which may be a create endpoint newer than this crate (the retry layer treats it
+/// so), so none goes out after a drain.
+fn creates<B: PeekBody>(request: &mut Request<B>) -> bool {
+    if request.method() != Method::POST {
+        return false;
+    }
+    // The stack's entry has recognised it already: one lookup rather than `of`'s two.
+    let kind = match Recognized::cached(request) {
+        Some(recognized) => recognized.kind,
+        None => Recognized::of(request).kind,
+    };
+    matches!(kind, RequestKind::Create | RequestKind::Other)
+}
+
+/// A create admitted while the gate was open, watched while it waits below the gate: once the
+/// gate closes, one that a layer below still holds back unsent (for its rate turn, a task slot,
+/// or the retry layer's backoff after attempts that made no task: [`SendWatch::never_sent`])
+/// is refused as a create arriving then is, and dropped, so those layers give back what they
+/// held for it. One that may have made a task goes on.
+struct HeldCreate {
+    watch: SendWatch,
+    /// For the refusal's path (not the whole URI: the future is moved, and kept small).
+    path: Option<PathAndQuery>,
+    /// Wakes the create's task when the gate closes; made on its first wait.
+    closing: Option<Pin<Box<OwnedNotified>>>,
+}
+
+impl HeldCreate {
+    /// Has the task woken when the gate closes (from now: a close before this call is read from
+    /// the flag after it).
+    fn listen(&mut self, closing: &Arc<Notify>, cx: &mut Context<'_>) {
+        loop {
+            let notified = self
+                .closing
+                .get_or_insert_with(|| Box::pin(Arc::clone(closing).notified_owned()));
+            if notified.as_mut().poll(cx).is_pending() {
+                return;
+            }
+            // Woken already: listen again, for a gate reopened and closed once more.
+            self.closing = None;
+        }
+    }
+
+    /// Whether the closed gate refuses the create now: held back unsent below it.
+    fn refused(&self, common: &Common) -> bool {
+        common.draining.load(Ordering::SeqCst) && self.watch.never_sent()
     }
 }
 
@@ -438,6 +519,8 @@ pin_project! {
         #[pin]
         future: Option<F>,
         guard: Option<DrainGuard>,
+        // A create admitted while the gate was open.
+        held: Option<HeldCreate>,
         refused: Option<BoxError>,
     }
 }
@@ -456,11 +539,36 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Some(future) = this.future.as_pin_mut() {
-            let output = ready!(future.poll(cx));
+        let mut this = self.project();
+        if let Some(future) = this.future.as_mut().as_pin_mut() {
+            let common = this.guard.as_ref().map(|guard| &guard.shard.common);
+            let held = this.held.as_mut().zip(common);
+            if !held
+                .as_ref()
+                .is_some_and(|(held, common)| held.refused(common))
+            {
+                if let Poll::Ready(output) = future.poll(cx) {
+                    drop(this.guard.take());
+                    *this.held = None;
+                    return Poll::Ready(output.map_err(Into::into));
+                }
+                // Held back unsent below: listening for the gate closing first, then reading the
+                // flag. A create on its way is not (only a poll of it can hold it back again).
+                let Some((held, common)) = held.filter(|(held, _)| held.watch.never_sent()) else {
+                    return Poll::Pending;
+                };
+                held.listen(&common.closing, cx);
+                if !held.refused(common) {
+                    return Poll::Pending;
+                }
+            }
+            // Held back unsent when the gate closed: dropped here, refused as never sent.
+            this.future.set(None);
             drop(this.guard.take());
-            return Poll::Ready(output.map_err(Into::into));
+            let path = this.held.take().and_then(|held| held.path);
+            return Poll::Ready(Err(Box::new(Draining::new(
+                path.as_ref().map_or("/", PathAndQuery::path),
+            ))));
         }
         Poll::Ready(Err(this
             .refused

@@ -860,7 +860,8 @@ impl StackConfig {
 
     /// Refuses a variable name that is one [`from_lookup`](Self::from_lookup) reads in another
     /// form, naming it and the one meant: in another case (`kling_tier`), or with another unit
-    /// or none (`KLING_ATTEMPT_TIMEOUT_MS`, `KLING_TASK_LEASE` for `KLING_TASK_LEASE_SECS`).
+    /// or none (`KLING_ATTEMPT_TIMEOUT_MS`, `KLING_TASK_LEASE` for `KLING_TASK_LEASE_SECS`,
+    /// `KLING_CREDIT_PERIOD_DAYS`, `KLING_RATE_PER_SECOND`, `KLING_MAX_BODY_KB`).
     /// Read by name alone, such a variable was left unread without a word, and the preset's
     /// number used (TOML refuses an unknown key).
     ///
@@ -1186,19 +1187,51 @@ const ENV_VARS: [&str; 19] = [
 /// The other variables of this crate (`Credentials::from_env`'s): never a slip.
 const CREDENTIAL_VARS: [&str; 3] = ["KLING_API_KEY", "KLING_ACCESS_KEY", "KLING_SECRET_KEY"];
 
-/// Unit suffixes a duration's variable may be written with, its own and the slips of it.
-const UNIT_SUFFIXES: [&str; 11] = [
+/// Unit suffixes a variable may be written with, its own and others of its kind: of the rate
+/// (per minute, second, hour or day), of durations (milliseconds to days) and of the body
+/// limit (bytes, KB, MiB, …). The rate's come first: `RATE_PER_MIN` is the rate per minute,
+/// not `RATE_PER` in minutes. The rate's and the body limit's own unit with an `S` more or
+/// less (`RATE_PER_MINUTES`, `MAX_BODY_BYTE`) is left out: a typing slip, warned of.
+const UNIT_SUFFIXES: [&str; 39] = [
+    "_PER_MINUTE",
+    "_PER_MIN",
+    "_PER_M",
+    "_PER_SECOND",
+    "_PER_SEC",
+    "_PER_S",
+    "_PER_HOUR",
+    "_PER_HR",
+    "_PER_H",
+    "_PER_DAY",
+    "_PER_D",
     "_SECONDS",
+    "_SECOND",
     "_SECS",
     "_SEC",
     "_S",
     "_MILLISECONDS",
+    "_MILLISECOND",
     "_MILLIS",
     "_MS",
     "_MINUTES",
+    "_MINUTE",
     "_MINS",
     "_MIN",
     "_M",
+    "_HOURS",
+    "_HOUR",
+    "_HRS",
+    "_HR",
+    "_H",
+    "_DAYS",
+    "_DAY",
+    "_D",
+    "_BYTES",
+    "_KB",
+    "_KIB",
+    "_MB",
+    "_MIB",
+    "_K",
 ];
 
 /// A variable name a typing slip away from one [`StackConfig`] reads

@@ -64,7 +64,8 @@ pub struct AttemptTimeoutLayer {
 }
 
 impl AttemptTimeoutLayer {
-    /// A layer failing attempts still pending `timeout` after their first poll.
+    /// A layer failing attempts still pending `timeout` after their first poll (with
+    /// `Duration::ZERO`, on that poll).
     pub fn new(timeout: Duration) -> Self {
         AttemptTimeoutLayer {
             deadlines: Arc::new(Deadlines::new(timeout)),
@@ -406,6 +407,9 @@ where
             return Poll::Ready(result.map_err(Into::into));
         }
         match *this.armed {
+            // Late as soon as it waits, with no deadline listed: the timer, sleeping until a
+            // timeout from now, would wake at once for ever.
+            None if this.deadlines.timeout.is_zero() => Poll::Ready(Err(Box::new(Elapsed::new()))),
             None => {
                 let (lane, ticket, deadline) = this.deadlines.arm(cx.waker());
                 *this.armed = Some(Armed {
@@ -627,6 +631,44 @@ mod tests {
         }
         assert!(took < Duration::from_secs(1), "timed out after {took:?}");
         drop(first);
+    }
+
+    /// A zero timeout fails an attempt that waits at once, and leaves no timer running: the
+    /// timer slept until deadlines a timeout from now, which with no timeout is now, and
+    /// spun for as long as the layer lived (a core busy; a paused clock never moved again).
+    #[test]
+    fn a_zero_timeout_fails_a_waiting_attempt_at_once_and_leaves_no_timer_spinning() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let layer = AttemptTimeoutLayer::new(Duration::ZERO);
+                let service = layer.layer(service_fn(|delay: u64| async move {
+                    tokio::time::sleep(Duration::from_secs(delay)).await;
+                    Ok::<_, BoxError>(delay)
+                }));
+                assert_eq!(
+                    service.clone().oneshot(0).await.unwrap(),
+                    0,
+                    "ready at once"
+                );
+                let start = Instant::now();
+                let error = service.clone().oneshot(1).await.unwrap_err();
+                assert!(error.is::<Elapsed>(), "{error}");
+                assert_eq!(start.elapsed(), Duration::ZERO);
+                // The paused clock moves on only when nothing is ready to run.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop((layer, service));
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the runtime went idle: no timer spins");
     }
 
     #[tokio::test(start_paused = true)]

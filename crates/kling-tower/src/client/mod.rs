@@ -4,6 +4,12 @@
 //! Kling's API is HTTPS only. The whole workspace uses one rustls crypto provider, `ring`;
 //! `install_ring_provider` (features `hyper` or `reqwest`) makes it the process default:
 //! reqwest, built without a provider of its own, needs one before a client is built.
+//!
+//! The two trust different roots. `https_client` trusts Mozilla's, built in (webpki-roots),
+//! and not the system's: a private CA (a company's TLS proxy, an internal gateway) needs a
+//! hyper-util client of your own (`HttpsClient::new`). reqwest's client trusts the system's
+//! (rustls-platform-verifier: on Linux the CA bundle, or `SSL_CERT_FILE` / `SSL_CERT_DIR`),
+//! and fails to build where the system has none (a `scratch` image), for `http://` too.
 
 #[cfg(feature = "hyper")]
 mod hyper;

@@ -53,6 +53,10 @@ impl ReqwestService {
     /// your own should set `connect_timeout` and `redirect(Policy::none())` too, and keep
     /// loopback hosts out of its proxies (`NO_PROXY=localhost,127.0.0.0/8,::1`, or
     /// `no_proxy()`).
+    ///
+    /// It trusts the system's root certificates, not built-in ones: where the system has none
+    /// (a `scratch` image; on Linux, no CA bundle and no `SSL_CERT_FILE`), building it fails
+    /// with "No CA certificates were loaded from the system".
     pub fn new_client() -> Result<Self, reqwest::Error> {
         ReqwestService::new_client_with_connect_timeout(super::DEFAULT_CONNECT_TIMEOUT)
     }

@@ -1203,6 +1203,57 @@ fn a_variable_named_in_another_form_is_refused_naming_the_one_meant() {
     assert_eq!(asked, read);
 }
 
+/// A variable named with another unit than those of durations in seconds or milliseconds is
+/// refused as another form too: hours or days of a duration, the rate per second or hour, the
+/// body limit in KiB or MB. Each passed without a word, and the preset's number was used:
+/// `KLING_CREDIT_PERIOD_DAYS=30` beside a budget meant for a month left it a budget a day.
+#[test]
+fn a_variable_named_with_a_unit_of_hours_days_a_rate_or_a_size_is_refused() {
+    let seconds = |var: &str| format!("{var} (seconds)");
+    for (name, meant) in [
+        (
+            "KLING_CREDIT_PERIOD_DAYS",
+            seconds("KLING_CREDIT_PERIOD_SECS"),
+        ),
+        ("KLING_TASK_LEASE_HOURS", seconds("KLING_TASK_LEASE_SECS")),
+        ("KLING_TASK_LEASE_H", seconds("KLING_TASK_LEASE_SECS")),
+        (
+            "KLING_RETRY_DEADLINE_MINUTE",
+            seconds("KLING_RETRY_DEADLINE_SECS"),
+        ),
+        (
+            "KLING_ATTEMPT_TIMEOUT_SECOND",
+            seconds("KLING_ATTEMPT_TIMEOUT_SECS"),
+        ),
+        ("KLING_RATE_PER_SECOND", "KLING_RATE_PER_MINUTE".to_owned()),
+        ("KLING_RATE_PER_MIN", "KLING_RATE_PER_MINUTE".to_owned()),
+        ("KLING_RATE_PER_HOUR", "KLING_RATE_PER_MINUTE".to_owned()),
+        ("KLING_RATE", "KLING_RATE_PER_MINUTE".to_owned()),
+        ("KLING_MAX_BODY_KB", "KLING_MAX_BODY_BYTES".to_owned()),
+        ("KLING_MAX_BODY_MIB", "KLING_MAX_BODY_BYTES".to_owned()),
+        ("KLING_MAX_BODY", "KLING_MAX_BODY_BYTES".to_owned()),
+    ] {
+        let err = StackConfig::check_env_names(["PATH", name]).unwrap_err();
+        assert_eq!(err.field(), name);
+        assert!(
+            err.reason().contains(&format!("did you mean {meant}?")),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        from_env_in_a_child("KLING_CREDIT_PERIOD_DAYS", "30"),
+        "refused KLING_CREDIT_PERIOD_DAYS: is not read: did you mean \
+         KLING_CREDIT_PERIOD_SECS (seconds)? (rename it, or unset it)"
+    );
+    // The control: the names read pass, and an `S` more or less on the unit of one read is
+    // still a slip, warned of (`SLIPS`).
+    StackConfig::check_env_names(READ_VARS).unwrap();
+    for name in ["KLING_RATE_PER_MINUTES", "KLING_MAX_BODY_BYTE"] {
+        StackConfig::check_env_names([name]).unwrap();
+        assert_eq!(StackConfig::env_name_slips([name]).len(), 1, "{name}");
+    }
+}
+
 /// The names a typing slip away from one read (an `S` more or less, two letters swapped, in a
 /// long name a letter wrong, missing or added) and what `env_name_slips` says each was meant.
 const SLIPS: [(&str, &str); 12] = [

@@ -264,6 +264,102 @@ async fn drain_refuses_new_creates_and_waits_for_followed_tasks() {
     assert_eq!(kling.drain_handle().in_flight(), 0);
 }
 
+/// A create admitted before the drain and still held back unsent when it begins (waiting for a
+/// task slot, or for its rate turn) is refused with `Draining` as one arriving then is: it was
+/// sent after the drain began, made a task nobody would follow in a process shutting down, and
+/// held the drain up until then (up to its retry deadline, 10 minutes, for a slot). What it
+/// held goes back: the image slot it had, its credit estimate.
+#[tokio::test(start_paused = true)]
+async fn a_create_held_back_unsent_when_the_drain_begins_is_refused_and_gives_back_what_it_held() {
+    let mock = roomy_mock();
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Free),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(mock.clone());
+    let video = || request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#);
+    let image = || request("POST", "/v1/images/generations", r#"{"prompt":"b","n":1}"#);
+    send(&service, video()).await.unwrap();
+    // The Free tier's one video slot is taken: this one waits for it.
+    let for_a_slot = tokio::spawn(service.clone().oneshot(video()));
+    // Its image slot is free, but its rate turn is 6 s after the first create's.
+    let for_a_turn = tokio::spawn(service.clone().oneshot(image()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(kling.snapshot().pool("image").unwrap().in_use, 1);
+
+    let drained = tokio::spawn({
+        let kling = kling.clone();
+        async move { kling.drain().await }
+    });
+    for (waiting, path) in [
+        (for_a_slot, "/v1/videos/text2video"),
+        (for_a_turn, "/v1/images/generations"),
+    ] {
+        let refused = tokio::time::timeout(Duration::from_millis(1), waiting)
+            .await
+            .expect("refused once the drain begins")
+            .unwrap()
+            .unwrap_err();
+        let draining = refused
+            .downcast_ref::<Draining>()
+            .unwrap_or_else(|| panic!("{refused}"));
+        assert_eq!(draining.path(), path);
+    }
+    tokio::time::timeout(Duration::from_millis(1), drained)
+        .await
+        .expect("nothing else in flight")
+        .unwrap();
+    assert_eq!(mock.stats().tasks_created, 1, "neither was sent");
+    let snapshot = kling.snapshot();
+    assert_eq!(snapshot.pool("video").unwrap().in_use, 1);
+    assert_eq!(
+        snapshot.pool("image").unwrap().in_use,
+        0,
+        "its slot went back"
+    );
+    let spend = kling.spend_guard().unwrap();
+    assert_eq!(spend.remaining(Some(kling.account_id())), 65.0);
+}
+
+/// The control: a create on its way when the drain begins (granted its slot and turn, its
+/// answer slow) goes on, and the drain waits for its answer.
+#[tokio::test(start_paused = true)]
+async fn a_create_on_its_way_when_the_drain_begins_is_waited_for() {
+    let mock = roomy_mock();
+    let slow = tower::service_fn(move |request: http::Request<Full<Bytes>>| {
+        let mock = mock.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            mock.oneshot(request).await
+        }
+    });
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Free),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(slow);
+    let create = tokio::spawn(service.clone().oneshot(request(
+        "POST",
+        "/v1/videos/text2video",
+        r#"{"prompt":"a"}"#,
+    )));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let drained = tokio::spawn({
+        let kling = kling.clone();
+        async move { kling.drain().await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!drained.is_finished(), "the create on its way holds it");
+    let created = create.await.unwrap().unwrap();
+    assert!(Outcome::of(&created).unwrap().is_success());
+    tokio::time::timeout(Duration::from_millis(1), drained)
+        .await
+        .expect("the drain returns with its answer")
+        .unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_verified_callback_frees_the_tasks_slot() {
     let kling = KlingLayer::new(
