@@ -3,8 +3,9 @@
 //!
 //! While the gate is open every request passes, counted in flight until its response future
 //! completes or is dropped. [`DrainHandle::drain`] closes the gate: from then on a create (or a
-//! `POST` the router does not recognise, which may be a create endpoint newer than this crate)
-//! fails at once with [`Draining`] (it is never sent), while queries, lists and every request
+//! `POST` the router does not recognise, which may be a create endpoint newer than this crate;
+//! not one it knows answers at once with no task, `identify-face`) fails at once with
+//! [`Draining`] (it is never sent), while queries, lists and every request
 //! already in flight go on; `drain` returns once nothing admitted before it is in flight
 //! (queries and lists admitted since are not counted: a steady stream of them would never let
 //! it return). Tasks being followed count too: a [`Follower`](crate::follow::Follower) given
@@ -462,17 +463,36 @@ where
 
 /// Whether the closed gate keeps `request` out: a create, or a `POST` the router does not
 /// recognise, which may be a create endpoint newer than this crate (the retry layer treats it
-/// so), so none goes out after a drain.
+/// so), so none goes out after a drain. A `POST` the router knows as Kling's and no create
+/// (`identify-face`: it answers at once, with no task) passes, when its path is written
+/// plainly, as the retry layer reads it.
 fn creates<B: PeekBody>(request: &mut Request<B>) -> bool {
     if request.method() != Method::POST {
         return false;
     }
     // The stack's entry has recognised it already: one lookup rather than `of`'s two.
-    let kind = match Recognized::cached(request) {
-        Some(recognized) => recognized.kind,
-        None => Recognized::of(request).kind,
+    let (kind, answers_at_once) = match Recognized::cached(request) {
+        Some(recognized) => (recognized.kind, recognized.answers_at_once),
+        None => {
+            let recognized = Recognized::of(request);
+            (recognized.kind, recognized.answers_at_once)
+        }
     };
-    matches!(kind, RequestKind::Create | RequestKind::Other)
+    match kind {
+        RequestKind::Create => true,
+        RequestKind::Other => !(answers_at_once && written_plainly(request.uri().path())),
+        _ => false,
+    }
+}
+
+/// Whether a path is written plainly: no `//`, `%`, `;` or dot segment (trailing `/`s aside).
+/// One written otherwise may be read as a create by a server or proxy, whatever the router
+/// reads: kept out as a possible create (kling-retry's rule for the same endpoints).
+fn written_plainly(path: &str) -> bool {
+    let path = path.trim_end_matches('/');
+    !path.contains("//")
+        && !path.contains(['%', ';'])
+        && !path.split('/').any(|segment| matches!(segment, "." | ".."))
 }
 
 /// A create admitted while the gate was open, watched while it waits below the gate: once the
@@ -645,6 +665,130 @@ mod tests {
             (Method::GET, "/v1/audio/whatever"),
         ] {
             assert!(send(method.clone(), path).await.is_ok(), "{method} {path}");
+        }
+    }
+
+    /// A `POST` the router knows as Kling's and no create (it answers at once, with no task)
+    /// is neither refused at the closed gate nor when the gate closes while a layer below holds
+    /// it back; a create is (the control), and so is such a `POST` written otherwise (a
+    /// server may read it as a create). Before, each was refused as an unknown `POST`.
+    #[tokio::test(start_paused = true)]
+    async fn a_post_that_answers_at_once_passes_a_closed_gate() {
+        use tower::{Layer, ServiceExt, service_fn};
+
+        let (layer, handle) = DrainLayer::pair();
+        // Held back unsent for a second, as a rate limiter waiting for a turn says it is.
+        let service = layer.layer(service_fn(
+            |request: Request<http_body_util::Full<bytes::Bytes>>| async move {
+                SendWatch::held(&request);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok::<_, BoxError>(())
+            },
+        ));
+        let send = |path: &str| {
+            let request = Request::post(path)
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                .unwrap();
+            tokio::spawn(service.clone().oneshot(request))
+        };
+        let answering = ["/v1/videos/identify-face", "/v1/videos/image-recognize"];
+        let held: Vec<_> = answering.iter().map(|path| send(path)).collect();
+        let create = send("/v1/videos/text2video");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        handle.close();
+        for (task, path) in held.into_iter().zip(answering) {
+            assert!(
+                task.await.unwrap().is_ok(),
+                "{path}, held when the gate closed"
+            );
+        }
+        let refused = create.await.unwrap().unwrap_err();
+        assert!(refused.is::<Draining>(), "{refused}");
+
+        for path in answering {
+            assert!(
+                send(path).await.unwrap().is_ok(),
+                "{path}, at the closed gate"
+            );
+        }
+        for path in [
+            "/v1/videos/text2video",
+            "/v1/videos/./identify-face",
+            "/v1/videos//identify-face",
+            "/v1/videos/identify-face;x",
+        ] {
+            let refused = send(path).await.unwrap().unwrap_err();
+            assert!(refused.is::<Draining>(), "{path}: {refused}");
+        }
+    }
+
+    /// A create whose gate closes while the layers below are polled, before it listens for the
+    /// close, is refused all the same: the flag is read again once it listens (the close woke
+    /// nobody then).
+    #[tokio::test(start_paused = true)]
+    async fn a_create_is_refused_when_the_gate_closes_before_it_listens() {
+        use tower::{Layer, ServiceExt, service_fn};
+
+        let (layer, handle) = DrainLayer::pair();
+        let service = layer.layer(service_fn(
+            move |request: Request<http_body_util::Full<bytes::Bytes>>| {
+                let handle = handle.clone();
+                async move {
+                    SendWatch::held(&request);
+                    handle.close();
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    Ok::<_, BoxError>(())
+                }
+            },
+        ));
+        let create = Request::post("/v1/videos/text2video")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap();
+        // Its own task, polled only when woken (a timeout around it would poll it again).
+        let create = tokio::spawn(service.oneshot(create));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            create.is_finished(),
+            "refused on the poll that closed the gate"
+        );
+        let refused = create.await.unwrap().unwrap_err();
+        assert!(refused.is::<Draining>(), "{refused}");
+    }
+
+    /// A create held back below the gate through a close and a reopen (it waits on: the gate
+    /// is open when it is next polled) is refused at the next close, whether or not it ran
+    /// between the two: woken by the first, it listens again.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_create_is_refused_at_a_close_after_a_close_and_a_reopen() {
+        use tower::{Layer, ServiceExt, service_fn};
+
+        for ran_between in [false, true] {
+            let (layer, handle) = DrainLayer::pair();
+            let service = layer.layer(service_fn(
+                |request: Request<http_body_util::Full<bytes::Bytes>>| async move {
+                    SendWatch::held(&request);
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    Ok::<_, BoxError>(())
+                },
+            ));
+            let create = Request::post("/v1/videos/text2video")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                .unwrap();
+            let create = tokio::spawn(service.oneshot(create));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            handle.close();
+            handle.reopen();
+            if ran_between {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                assert!(!create.is_finished(), "reopened: it waits on");
+            }
+            handle.close();
+            let refused = tokio::time::timeout(Duration::from_millis(1), create)
+                .await
+                .expect("refused at the second close")
+                .unwrap()
+                .unwrap_err();
+            assert!(refused.is::<Draining>(), "{refused}");
         }
     }
 
