@@ -55,6 +55,28 @@ pub struct Route<'a> {
     pub answers_at_once: bool,
 }
 
+impl Route<'_> {
+    /// Whether `path` is written plainly: no `//`, `%`, `;` or dot segment (trailing `/`s
+    /// aside). A path written otherwise may be read by a server or proxy otherwise than
+    /// [`Route::of`] reads it, so a layer that lets a `POST` [`answers_at_once`](Self::answers_at_once)
+    /// through as no create (the retry layer's resend, the drain gate) asks this first.
+    ///
+    /// ```
+    /// use kling_core::Route;
+    ///
+    /// assert!(Route::written_plainly("/v1/videos/identify-face/"));
+    /// assert!(!Route::written_plainly("/v1/videos//identify-face"));
+    /// assert!(!Route::written_plainly("/v1/videos/x/../identify-face"));
+    /// assert!(!Route::written_plainly("/v1/videos/identify%2Dface"));
+    /// ```
+    pub fn written_plainly(path: &str) -> bool {
+        let path = path.trim_end_matches('/');
+        !path.contains("//")
+            && !path.contains(['%', ';'])
+            && !path.split('/').any(|segment| matches!(segment, "." | ".."))
+    }
+}
+
 impl<'a> Route<'a> {
     /// Recognises a request from its method and URI path (without the query string).
     ///

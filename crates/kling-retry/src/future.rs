@@ -383,17 +383,7 @@ where
 fn unknown_post<B>(recognized: &Recognized, request: &Request<B>) -> bool {
     recognized.kind == RequestKind::Other
         && !request.method().is_idempotent()
-        && !(recognized.answers_at_once && written_plainly(request.uri().path()))
-}
-
-/// Whether a path is written plainly: no `//`, `%`, `;` or dot segment (trailing `/`s aside).
-/// One written otherwise that the router reads as an endpoint answering at once is left a
-/// possible create, which is never sent again blindly: a server or proxy may read it otherwise.
-fn written_plainly(path: &str) -> bool {
-    let path = path.trim_end_matches('/');
-    !path.contains("//")
-        && !path.contains(['%', ';'])
-        && !path.split('/').any(|segment| matches!(segment, "." | ".."))
+        && !(recognized.answers_at_once && kling_core::Route::written_plainly(request.uri().path()))
 }
 
 /// Far enough ahead to never arrive, near enough to never overflow.

@@ -480,19 +480,11 @@ fn creates<B: PeekBody>(request: &mut Request<B>) -> bool {
     };
     match kind {
         RequestKind::Create => true,
-        RequestKind::Other => !(answers_at_once && written_plainly(request.uri().path())),
+        RequestKind::Other => {
+            !(answers_at_once && kling_core::Route::written_plainly(request.uri().path()))
+        }
         _ => false,
     }
-}
-
-/// Whether a path is written plainly: no `//`, `%`, `;` or dot segment (trailing `/`s aside).
-/// One written otherwise may be read as a create by a server or proxy, whatever the router
-/// reads: kept out as a possible create (kling-retry's rule for the same endpoints).
-fn written_plainly(path: &str) -> bool {
-    let path = path.trim_end_matches('/');
-    !path.contains("//")
-        && !path.contains(['%', ';'])
-        && !path.split('/').any(|segment| matches!(segment, "." | ".."))
 }
 
 /// A create admitted while the gate was open, watched while it waits below the gate: once the
