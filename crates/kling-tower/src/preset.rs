@@ -58,6 +58,7 @@
 //! max_body_bytes = 2097152  # 1024 to 67108864 (64 MiB, preset::MAX_BODY_BYTES)
 //! daily_credits = "none"    # or a number
 //! credit_period_secs = 86400
+//! base_url = "https://api-beijing.klingai.com"  # default: the global host
 //!
 //! [pool_slots]
 //! video = 5
@@ -70,9 +71,11 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use kling_core::{Pool, PoolScope};
+use http::Method;
+use kling_core::{Pool, PoolScope, Product, Route};
 use serde::Deserialize;
 
+use crate::base_url::BaseUrlLayer;
 use crate::error::ConfigError;
 
 /// An account tier: where a [`StackConfig`]'s numbers start.
@@ -170,6 +173,23 @@ pub struct StackConfig {
     max_body_bytes: usize,
     daily_credits: Option<f64>,
     credit_period: Duration,
+    base_url: Option<BaseUrlText>,
+}
+
+/// A base URL as configured, kept as text so that setters never fail; its `Debug` leaves out
+/// one with user info or a query, which may hold a password or a signature (validation
+/// refuses both).
+#[derive(Clone, PartialEq)]
+struct BaseUrlText(String);
+
+impl fmt::Debug for BaseUrlText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.contains(['@', '?', '#']) {
+            f.write_str("\"<not shown: user info or a query>\"")
+        } else {
+            fmt::Debug::fmt(&self.0, f)
+        }
+    }
 }
 
 /// The default proportional headroom under the request rate: none, the
@@ -262,6 +282,7 @@ impl StackConfig {
             max_body_bytes: kling_core::classify::DEFAULT_MAX_BODY_BYTES,
             daily_credits: credits,
             credit_period: Duration::from_secs(24 * 60 * 60),
+            base_url: None,
         }
     }
 
@@ -429,6 +450,16 @@ impl StackConfig {
         self
     }
 
+    /// Sets the base URL the stack sends to (default Kling's global host,
+    /// [`base_url::GLOBAL`](crate::base_url::GLOBAL)): [`base_url::CHINA`](crate::base_url::CHINA),
+    /// a proxy or the mock, so that a configuration read from the environment or TOML reaches
+    /// them without code. Checked as [`BaseUrlLayer::new`] checks it; a builder's own
+    /// [`base_url`](crate::KlingBuilder::base_url) takes its place.
+    pub fn base_url(mut self, base: impl Into<String>) -> Self {
+        self.base_url = Some(BaseUrlText(base.into()));
+        self
+    }
+
     // ---- getters (what the layers enforce) ----
 
     /// The tier the numbers started from.
@@ -568,6 +599,11 @@ impl StackConfig {
         self.daily_credits
     }
 
+    /// The base URL set ([`base_url`](Self::base_url)); `None`: Kling's global host.
+    pub fn configured_base_url(&self) -> Option<&str> {
+        self.base_url.as_ref().map(|base| base.0.as_str())
+    }
+
     /// The credit period at this speed.
     pub fn credit_period_duration(&self) -> Duration {
         self.scaled(self.credit_period)
@@ -589,7 +625,8 @@ impl StackConfig {
     /// (about 78 hours) at its [pacing interval](Self::pacing_interval); when the rate alone
     /// would, the error names the `headroom` that leaves too little of it. Under a rate cap the
     /// jitter allowance (real time) must be below the retry deadline (divided by the speed), or
-    /// no request the rate limiter queues could meet its deadline.
+    /// no request the rate limiter queues could meet its deadline. A pool's key must be one a
+    /// create can count in, and a base URL one [`BaseUrlLayer::new`] takes.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: &'static str, reason: &'static str| Err(ConfigError::new(field, reason));
         // Beyond these, scaled durations leave what a `Duration` or the clock can hold (a
@@ -721,6 +758,10 @@ impl StackConfig {
                     "is not a pool (video, image, try-on, or product:model)",
                 ));
             };
+            if let Some(model) = parsed.model() {
+                model_key_check(parsed.product(), model)
+                    .map_err(|reason| ConfigError::new(format!("pool_slots.{pool}"), reason))?;
+            }
             if self.pool_scope == PoolScope::Product && parsed.model().is_some() {
                 return Err(ConfigError::new(
                     format!("pool_slots.{pool}"),
@@ -842,6 +883,10 @@ impl StackConfig {
             && !(credits.is_finite() && credits >= 0.0)
         {
             return err("daily_credits", "must be a finite number, 0 or more");
+        }
+        // Its errors name no user info nor query: it refuses both before quoting anything.
+        if let Some(base) = &self.base_url {
+            BaseUrlLayer::new(&base.0)?;
         }
         Ok(())
     }
@@ -975,6 +1020,7 @@ impl StackConfig {
     /// | `KLING_MAX_BODY_BYTES` | max_body_bytes | integer, 1024 to 67108864 |
     /// | `KLING_DAILY_CREDITS` | daily_credits | number, or `none` |
     /// | `KLING_CREDIT_PERIOD_SECS` | credit_period | seconds |
+    /// | `KLING_BASE_URL` | base_url | `https://…` (or `http://` to a loopback host), as [`BaseUrlLayer::new`] takes it |
     ///
     /// A variable that is blank (empty or only spaces: `KLING_TIER=` in a `.env` file, or a
     /// compose file's `${KLING_TIER}` where it is unset) counts as not set, as in
@@ -1024,6 +1070,7 @@ impl StackConfig {
             self.slots = parse_num(var, &v)?;
         }
         if let Some((var, v)) = get("KLING_POOL_SLOTS") {
+            let mut named = std::collections::BTreeSet::new();
             for entry in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
                 let Some((pool, slots)) = entry.split_once('=') else {
                     return Err(ConfigError::new(
@@ -1035,6 +1082,13 @@ impl StackConfig {
                 let pool = pool.trim();
                 let slots = parse_num(var, slots.trim())
                     .map_err(|e| e.renamed(format!("KLING_POOL_SLOTS (pool_slots.{pool})")))?;
+                // The last of two values was kept without a word: which one was meant?
+                if !named.insert(pool) {
+                    return Err(ConfigError::new(
+                        var,
+                        format!("names pool `{pool}` twice: give each pool once"),
+                    ));
+                }
                 self.pool_slots.insert(pool.to_owned(), slots);
             }
         }
@@ -1072,6 +1126,9 @@ impl StackConfig {
         if let Some((var, v)) = get("KLING_CREDIT_PERIOD_SECS") {
             self.credit_period = parse_secs(var, &v)?;
         }
+        if let Some((_, v)) = get("KLING_BASE_URL") {
+            self.base_url = Some(BaseUrlText(v));
+        }
         // Named by its variable where that variable is set; a number the variables left as it
         // was (a preset's credit period that `KLING_SPEED=0.001` stretches past a year) keeps
         // its field's name, rather than sending the reader to a variable they never set.
@@ -1093,7 +1150,7 @@ impl StackConfig {
 }
 
 /// The keys of the TOML document, as [`RawConfig`] names them.
-const TOML_KEYS: [&str; 19] = [
+const TOML_KEYS: [&str; 20] = [
     "tier",
     "speed",
     "rate_per_minute",
@@ -1113,6 +1170,7 @@ const TOML_KEYS: [&str; 19] = [
     "max_body_bytes",
     "daily_credits",
     "credit_period_secs",
+    "base_url",
 ];
 
 /// A TOML document [`RawConfig`] refused, as an error naming the key whose value has the wrong
@@ -1121,6 +1179,14 @@ const TOML_KEYS: [&str; 19] = [
 fn toml_error(text: &str, error: &toml::de::Error) -> ConfigError {
     let message = error.message().to_owned();
     let Ok(table) = toml::from_str::<toml::Table>(text) else {
+        // The parser's "duplicate key" names no key (a pool given twice under `[pool_slots]`).
+        let key = error.span().and_then(|span| text.get(span));
+        if let Some(key) = key.filter(|_| message.contains("duplicate key")) {
+            return ConfigError::new(
+                "toml",
+                format!("{message}: `{}` is given twice", key.trim()),
+            );
+        }
         return ConfigError::new("toml", message);
     };
     let refused = |key: &str, value: &toml::Value| {
@@ -1162,7 +1228,7 @@ fn out_of_range(value: &toml::Value, message: String) -> String {
 }
 
 /// The variables [`StackConfig::from_lookup`] reads.
-const ENV_VARS: [&str; 19] = [
+const ENV_VARS: [&str; 20] = [
     "KLING_TIER",
     "KLING_SPEED",
     "KLING_RATE_PER_MINUTE",
@@ -1182,6 +1248,7 @@ const ENV_VARS: [&str; 19] = [
     "KLING_MAX_BODY_BYTES",
     "KLING_DAILY_CREDITS",
     "KLING_CREDIT_PERIOD_SECS",
+    "KLING_BASE_URL",
 ];
 
 /// The other variables of this crate (`Credentials::from_env`'s): never a slip.
@@ -1368,6 +1435,7 @@ fn env_var_of(field: &str) -> Option<(&'static str, Cow<'static, str>)> {
         "max_body_bytes" => "KLING_MAX_BODY_BYTES",
         "daily_credits" => "KLING_DAILY_CREDITS",
         "credit_period_secs" => "KLING_CREDIT_PERIOD_SECS",
+        "base_url" => "KLING_BASE_URL",
         f if f.starts_with("pool_slots") => {
             return Some((
                 "KLING_POOL_SLOTS",
@@ -1377,6 +1445,73 @@ fn env_var_of(field: &str) -> Option<(&'static str, Cow<'static, str>)> {
         _ => return None,
     };
     Some((var, Cow::Borrowed(var)))
+}
+
+/// Why a model pool's key (`video:{model}`) can match no create, if it cannot: the router
+/// ([`Route::pool`](kling_core::Route::pool)) keys a new-style create by its path's last
+/// segment, with escapes of unreserved characters decoded, `;` parameters and dot segments
+/// removed, and its case kept. So a key is refused that differs from the pool a create to
+/// `/{product path}/{model}` gets (or has no such path: a space, a `/`, a `?`), and one in
+/// capitals: Kling's model names are lowercase and its server compares paths as written, so
+/// such a create makes no task. Not normalised: the router does not normalise case or
+/// spaces either, and a key quietly rewritten would hide the slip.
+fn model_key_check(product: Product, model: &str) -> Result<(), String> {
+    let key = format!("{}:{model}", product.as_str());
+    if model.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "has a space in its model `{model}`: a create's model is a path segment, which \
+             holds none, so no create counts in `{key}`"
+        ));
+    }
+    // A create path of the product's: the route reads the model the same under any of them.
+    // A product none of these names (one added later) has nothing to compare with.
+    let product_path = ["text-to-video", "text-to-image", "virtual-try-on"]
+        .into_iter()
+        .find(|path| Route::of(&Method::POST, &format!("/{path}/m")).product == Some(product));
+    let Some(product_path) = product_path else {
+        return Ok(());
+    };
+    let path = format!("/{product_path}/{model}");
+    let routed = path
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| Route::of(&Method::POST, uri.path()).pool())
+        .map(|pool| pool.to_string());
+    match routed {
+        Some(routed) if routed != key => {
+            return Err(format!(
+                "is a pool no create counts in: a create to `{path}` counts in `{routed}`; set \
+                 that"
+            ));
+        }
+        None => {
+            return Err(format!(
+                "is a pool no create counts in: `{model}` is never a create path's model (one \
+                 path segment, with no `?` or `#`)"
+            ));
+        }
+        Some(_) => {}
+    }
+    // The hex digits of an escape (`%3A`) are no letters of the name.
+    let mut lowercase = String::with_capacity(model.len());
+    let mut escape_digits = 0;
+    for c in model.chars() {
+        if escape_digits > 0 {
+            escape_digits -= 1;
+            lowercase.push(c);
+        } else {
+            escape_digits = if c == '%' { 2 } else { 0 };
+            lowercase.push(c.to_ascii_lowercase());
+        }
+    }
+    if lowercase != model {
+        return Err(format!(
+            "has capitals in its model: Kling's model names are lowercase and a create path is \
+             compared as written, so no create counts in it; set `{}:{lowercase}`",
+            product.as_str(),
+        ));
+    }
+    Ok(())
 }
 
 /// A number type a variable's value is read as, with the largest value it holds.
@@ -1549,6 +1684,7 @@ struct RawConfig {
     max_body_bytes: Option<usize>,
     daily_credits: Option<NumberOrNone>,
     credit_period_secs: Option<f64>,
+    base_url: Option<String>,
 }
 
 impl RawConfig {
@@ -1632,6 +1768,9 @@ impl RawConfig {
         }
         if let Some(v) = self.credit_period_secs {
             c.credit_period = secs("credit_period_secs", v)?;
+        }
+        if let Some(v) = self.base_url {
+            c.base_url = Some(BaseUrlText(v));
         }
         c.validate()?;
         Ok(c)

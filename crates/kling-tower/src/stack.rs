@@ -140,7 +140,8 @@ impl<B: StackBackends> KlingBuilder<B> {
         self.account.as_ref()
     }
 
-    /// The base URL relative request URIs resolve against (default Kling's global host,
+    /// The base URL relative request URIs resolve against (default the configuration's
+    /// [`base_url`](StackConfig::base_url), else Kling's global host,
     /// [`base_url::GLOBAL`](crate::base_url::GLOBAL)): a region, a proxy or the mock.
     pub fn base_url(mut self, base: &str) -> Self {
         self.base_url = BaseUrlLayer::new(base);
@@ -529,11 +530,16 @@ impl KlingLayer {
 
     /// A builder, for the base URL, prices, monitor and other choices.
     pub fn builder(config: StackConfig, credentials: Credentials) -> KlingBuilder {
+        // The configuration's base URL (`KLING_BASE_URL`), until `base_url` sets another.
+        let base_url = match config.configured_base_url() {
+            Some(base) => BaseUrlLayer::new(base),
+            None => Ok(BaseUrlLayer::global()),
+        };
         KlingBuilder {
             config,
             credentials,
             account: None,
-            base_url: Ok(BaseUrlLayer::global()),
+            base_url,
             costs: CostTable::new(),
             monitor: None,
             auth: None,

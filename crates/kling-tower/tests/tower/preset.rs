@@ -756,8 +756,9 @@ fn the_slot_queue_variable_and_key_share_one_bound() {
 
 /// Every variable `StackConfig::from_lookup` reads, written out here apart from the crate's own
 /// list, so a test sees a name the crate adds or drops.
-const READ_VARS: [&str; 19] = [
+const READ_VARS: [&str; 20] = [
     "KLING_TIER",
+    "KLING_BASE_URL",
     "KLING_SPEED",
     "KLING_RATE_PER_MINUTE",
     "KLING_ADAPTIVE_RATE",
@@ -1178,7 +1179,7 @@ fn a_variable_named_in_another_form_is_refused_naming_the_one_meant() {
         "KLING_BENCH_CLIENTS",
         "KLING_FLEET_WORKER",
         "KLING_OTHER",
-        "KLING_BASE_URL",
+        "KLING_API_BASE_URL",
         "KLING_MODEL",
         "KLING_SPEEDUP",
         "TIER",
@@ -1441,4 +1442,205 @@ fn from_env_refuses_a_variable_named_with_a_slip() {
     // A program's own name a typing slip from one read is warned of, and the program goes on
     // (`KLING_TIRE=summer` was refused as a slip of `KLING_TIER`).
     assert_eq!(from_env_in_a_child("KLING_TIRE", "summer"), "ok 30s");
+}
+
+/// A pool named twice in `KLING_POOL_SLOTS` is refused naming the variable and the pool: the
+/// last value was kept without a word (`video=20,video=5` ran video at 5).
+#[test]
+fn a_pool_named_twice_in_the_variable_is_refused_naming_it() {
+    for (value, pool) in [
+        ("video=20,video=5", "video"),
+        (
+            "image=2, video:kling-3.0=4 ,video:kling-3.0=4",
+            "video:kling-3.0",
+        ),
+    ] {
+        let err = StackConfig::from_lookup(vars(&[("KLING_POOL_SLOTS", value)])).unwrap_err();
+        assert_eq!(err.field(), "KLING_POOL_SLOTS", "{value}: {err}");
+        assert!(
+            err.reason().contains(&format!("`{pool}`")) && err.reason().contains("twice"),
+            "{value}: {err}"
+        );
+    }
+    // The control: each pool once, a preset's own pool (resource-pack's video) overridden.
+    let lookup = vars(&[
+        ("KLING_TIER", "resource-pack"),
+        ("KLING_POOL_SLOTS", "video=5,video:kling-3.0=2"),
+    ]);
+    let config = StackConfig::from_lookup(lookup).unwrap();
+    assert_eq!(config.slots_for(&Pool::parse("video").unwrap()), 5);
+    assert_eq!(
+        config.slots_for(&Pool::parse("video:kling-3.0").unwrap()),
+        2
+    );
+    // TOML's parser refuses a key written twice, naming it.
+    let err = StackConfig::from_toml_str("[pool_slots]\nvideo = 20\n\"video\" = 5").unwrap_err();
+    assert!(err.reason().contains("`\"video\"` is given twice"), "{err}");
+}
+
+/// A pool key no create's route can give is refused naming the entry: a model with spaces
+/// (`video: kling-3.0`), in capitals (Kling's model names are lowercase and its paths compared
+/// as written), escaped (`kling%2D3.0`, which the router reads as `kling-3.0`), with `;`
+/// parameters or a dot segment the router removes. Each was accepted and then matched no
+/// create, so its slot count did nothing.
+#[test]
+fn a_pool_key_no_create_can_give_is_refused_naming_it() {
+    for (key, hint) in [
+        ("video: kling-3.0", "space"),
+        ("video:kling 3.0", "space"),
+        ("video:kling-3.0 ", "space"),
+        ("video:\tkling-3.0", "space"),
+        ("video:Kling-3.0", "`video:kling-3.0`"),
+        ("image:KLING-V2", "`image:kling-v2`"),
+        ("video:kling%2D3.0", "`video:kling-3.0`"),
+        ("video:kling-3.0;v=2", "counts in `video:kling-3.0`"),
+        ("video:..", "never"),
+        ("video:kling/3.0", "never"),
+        ("video:kling?x", "counts in `video:kling`"),
+        ("video:kling\u{1}", "never"),
+        ("Video", "not a pool"),
+        ("audio:kling-3.0", "not a pool"),
+    ] {
+        let err = StackConfig::preset(Tier::Pro)
+            .pool_slots(key, 3)
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field(), format!("pool_slots.{key}"), "{key}: {err}");
+        assert!(err.reason().contains(hint), "{key}: {err}");
+    }
+    // Through the variable (trimmed around the entry, not inside it) and TOML alike.
+    let err =
+        StackConfig::from_lookup(vars(&[("KLING_POOL_SLOTS", "video: kling-3.0=3")])).unwrap_err();
+    assert_eq!(
+        err.field(),
+        "KLING_POOL_SLOTS (pool_slots.video: kling-3.0)"
+    );
+    let err = StackConfig::from_toml_str("[pool_slots]\n\"video:Kling-3.0\" = 3").unwrap_err();
+    assert_eq!(err.field(), "pool_slots.video:Kling-3.0");
+}
+
+/// The control of the above: the pool every real create path gives, legacy and new-style,
+/// is accepted as a key, and a create on that path then counts under its slots.
+#[test]
+fn the_pool_of_every_real_create_path_is_accepted_as_a_key() {
+    use kling_core::Route;
+
+    for path in [
+        "/v1/videos/text2video",
+        "/v1/videos/image2video",
+        "/v1/images/generations",
+        "/v1/images/kolors-virtual-try-on",
+        "/text-to-video/kling-3.0",
+        "/image-to-video/kling-v2-1-master",
+        "/omni-video/kling-o1",
+        "/motion-control/kling-v2.6",
+        "/text-to-image/kling-v2",
+        "/virtual-try-on/kolors-virtual-try-on-v1-5",
+        "/text-to-video/kling%2D3.0",
+        "/text-to-video/kling:3",
+        "/text-to-video/kling%3A3",
+        "/text-to-video/kling_3~0",
+    ] {
+        let uri: http::Uri = path.parse().unwrap();
+        let pool = Route::of(&http::Method::POST, uri.path()).pool().unwrap();
+        let key = pool.to_string();
+        let config = StackConfig::preset(Tier::Pro).pool_slots(key.as_str(), 7);
+        config
+            .validate()
+            .unwrap_or_else(|e| panic!("{path} gives `{key}`: {e}"));
+        assert_eq!(config.slots_for(&pool), 7, "{path}");
+    }
+}
+
+/// `KLING_BASE_URL` (TOML `base_url`) sets where the stack sends: an environment-only
+/// deployment reaches the China host, a proxy or the mock without code. The stack built from
+/// the configuration sends there; a builder's own `base_url` still wins.
+#[tokio::test]
+async fn the_base_url_variable_and_key_set_where_the_stack_sends() {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use kling_tower::base_url::CHINA;
+    use kling_tower::{Credentials, KlingLayer};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    /// The URI a lookup through the stack of `config` (and a builder base, if any) is sent to.
+    async fn sent_to(config: StackConfig, builder_base: Option<&str>) -> String {
+        let seen = Arc::new(Mutex::new(String::new()));
+        let record = Arc::clone(&seen);
+        let server = service_fn(move |req: http::Request<_>| {
+            *record.lock().unwrap() = req.uri().to_string();
+            let body = r#"{"code":0,"message":"ok","request_id":"r","data":{"task_id":"t","task_status":"processing"}}"#;
+            async move {
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body))))
+            }
+        });
+        let mut builder = KlingLayer::builder(config, Credentials::api_key("k").unwrap());
+        if let Some(base) = builder_base {
+            builder = builder.base_url(base);
+        }
+        let stack = builder.build().unwrap();
+        let lookup = http::Request::get("/v1/videos/text2video/t")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        stack.layer(server).oneshot(lookup).await.unwrap();
+        seen.lock().unwrap().clone()
+    }
+
+    let config = StackConfig::from_lookup(vars(&[("KLING_BASE_URL", CHINA)])).unwrap();
+    assert_eq!(config.configured_base_url(), Some(CHINA));
+    let china = format!("{CHINA}/v1/videos/text2video/t");
+    assert_eq!(sent_to(config.clone(), None).await, china);
+    let mock = "http://127.0.0.1:9/kling";
+    assert_eq!(
+        sent_to(config, Some(mock)).await,
+        format!("{mock}/v1/videos/text2video/t")
+    );
+    let config = StackConfig::from_toml_str(&format!("base_url = \"{CHINA}\"")).unwrap();
+    assert_eq!(sent_to(config, None).await, china);
+    // The control: unset, the stack sends to the global host.
+    let config = StackConfig::from_lookup(vars(&[])).unwrap();
+    assert_eq!(config.configured_base_url(), None);
+    assert!(
+        sent_to(config, None)
+            .await
+            .starts_with("https://api-singapore.klingai.com/")
+    );
+}
+
+/// A base URL the builder would refuse is refused by the loaders as the builder refuses it,
+/// naming the variable or key, and neither the error nor the configuration's `Debug` repeats
+/// user info or a query (a URL may carry a password or a signature).
+#[test]
+fn a_bad_base_url_is_refused_naming_the_variable_without_echoing_secrets() {
+    for (base, reason) in [
+        ("http://api-beijing.klingai.com", "https://"),
+        ("api-beijing.klingai.com", "https://"),
+        ("ftp://host", "https://"),
+        ("https://user:s3cret@proxy.internal/kling", "user info"),
+        ("https://proxy.internal/kling?sig=s3cret", "query"),
+        ("https://proxy.internal:99999", "port"),
+        ("not a url", "not a URL"),
+    ] {
+        let err = StackConfig::from_lookup(vars(&[("KLING_BASE_URL", base)])).unwrap_err();
+        assert_eq!(err.field(), "KLING_BASE_URL", "{base}: {err}");
+        assert!(err.reason().contains(reason), "{base}: {err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let err = StackConfig::from_toml_str(&format!("base_url = \"{base}\"")).unwrap_err();
+        assert_eq!(err.field(), "base_url", "{base}: {err}");
+        let config = StackConfig::preset(Tier::Pro).base_url(base);
+        assert!(!format!("{config:?}").contains("s3cret"), "{config:?}");
+        assert_eq!(config.validate().unwrap_err().field(), "base_url");
+    }
+    // The control: https anywhere, plain http to loopback, as the builder takes them.
+    for base in [
+        "https://api-beijing.klingai.com",
+        "https://proxy.internal:8443/kling",
+        "http://127.0.0.1:8080",
+        "http://localhost:9/kling",
+    ] {
+        let config = StackConfig::from_lookup(vars(&[("KLING_BASE_URL", base)])).unwrap();
+        assert_eq!(config.configured_base_url(), Some(base));
+    }
 }
