@@ -74,9 +74,10 @@ pub struct RunArgs {
     /// Where results go, one JSON line per job. Default: `JOBS.results.jsonl`.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
-    /// The API's base URL (a region, a proxy, or a mock).
-    #[arg(long, default_value = kling_tower::base_url::GLOBAL)]
-    pub base_url: String,
+    /// The API's base URL (a region, a proxy, or a mock). Default: `KLING_BASE_URL` (or the
+    /// `--config` file's `base_url`), else the global host.
+    #[arg(long)]
+    pub base_url: Option<String>,
     /// The account tier: free, standard, pro, enterprise, resource-pack (default: `KLING_TIER`,
     /// else free). `KLING_*` variables override its numbers.
     #[arg(long, conflicts_with = "config")]
@@ -152,7 +153,7 @@ impl std::fmt::Debug for RunArgs {
             .field("jobs", &self.jobs)
             .field("journal", &self.journal)
             .field("output", &self.output)
-            .field("base_url", &redacted_url(&self.base_url))
+            .field("base_url", &self.base_url.as_deref().map(redacted_url))
             .field("tier", &self.tier)
             .field("config", &self.config)
             .field("speed", &self.speed)
@@ -930,16 +931,29 @@ async fn build_stack(
         let connection = Connection::connect(redis)
             .await
             .map_err(|e| SetupError::new(source, format!("cannot use that Redis: {e}")))?;
-        return Stack::shared(config, credentials, &args.base_url, connection)
-            .map_err(base_url_option);
+        let (base_url, option) = base_url(args, &config);
+        return Stack::shared(config, credentials, &base_url, connection)
+            .map_err(|e| base_url_option(e, option));
     }
-    Stack::new(config, credentials, &args.base_url).map_err(base_url_option)
+    let (base_url, option) = base_url(args, &config);
+    Stack::new(config, credentials, &base_url).map_err(|e| base_url_option(e, option))
 }
 
-/// A stack's error about its `base_url` field, naming the option that set it.
-fn base_url_option(e: SetupError) -> SetupError {
+/// The base URL a run sends to, and where it was set: `--base-url`, else the configuration's
+/// (`KLING_BASE_URL`, or the `--config` file's `base_url`, checked when it was read), else the
+/// global host.
+fn base_url(args: &RunArgs, config: &StackConfig) -> (String, &'static str) {
+    match (&args.base_url, config.configured_base_url()) {
+        (Some(url), _) => (url.clone(), "--base-url"),
+        (None, Some(url)) => (url.to_owned(), "KLING_BASE_URL"),
+        (None, None) => (kling_tower::base_url::GLOBAL.to_owned(), "--base-url"),
+    }
+}
+
+/// A stack's error about its `base_url` field, naming the option or variable that set it.
+fn base_url_option(e: SetupError, option: &'static str) -> SetupError {
     if e.field() == "base_url" {
-        e.renamed("--base-url")
+        e.renamed(option)
     } else {
         e
     }
@@ -1288,7 +1302,35 @@ mod tests {
             !text.contains("HOOKTOKEN") && !text.contains("PROXY KEY"),
             "{text}"
         );
-        assert!(text.contains("base_url: \"<redacted>\""), "{text}");
+        assert!(text.contains("base_url: Some(\"<redacted>\")"), "{text}");
+    }
+
+    /// With no `--base-url`, a run sends where the configuration says (`KLING_BASE_URL`, or
+    /// the file's `base_url`), else to the global host; the option wins over both. The option
+    /// used to default to the global host, so a configured base URL was checked and then
+    /// ignored without a word.
+    #[test]
+    fn the_base_url_comes_from_the_option_else_the_configuration_else_the_global_host() {
+        use kling_tower::base_url::{CHINA, GLOBAL};
+        let args = |argv: &[&str]| {
+            let argv = ["kling-batch", "run", "jobs.jsonl"].iter().chain(argv);
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::Run(args) => args,
+                _ => panic!("a run"),
+            }
+        };
+        let plain = StackConfig::preset(Tier::Pro);
+        let china = StackConfig::preset(Tier::Pro).base_url(CHINA);
+        assert_eq!(
+            base_url(&args(&[]), &plain),
+            (GLOBAL.to_owned(), "--base-url")
+        );
+        assert_eq!(
+            base_url(&args(&[]), &china),
+            (CHINA.to_owned(), "KLING_BASE_URL")
+        );
+        let proxy = args(&["--base-url", "http://127.0.0.1:9"]);
+        assert_eq!(base_url(&proxy, &china).0, "http://127.0.0.1:9");
     }
 
     /// A speed is judged by the configuration the run uses, its retry deadline raised to 48
