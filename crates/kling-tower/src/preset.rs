@@ -182,9 +182,35 @@ pub struct StackConfig {
 #[derive(Clone, PartialEq)]
 struct BaseUrlText(String);
 
+impl BaseUrlText {
+    /// Whether the text may hold a secret: an `@` (user info), a `?` (a query) or a `#`.
+    fn may_hold_secret(&self) -> bool {
+        self.0.contains(['@', '?', '#'])
+    }
+
+    /// The layer [`BaseUrlLayer::new`] makes of it. Where the text may hold a secret, a
+    /// refusal that would quote part of it is made without the quote: a `/`, `?` or `#` in a
+    /// password (a base64 one) ends the host there, so `https://kling:pa/ss@proxy` was refused
+    /// as "has port `pa`", a piece of the password.
+    fn layer(&self) -> Result<BaseUrlLayer, ConfigError> {
+        BaseUrlLayer::new(&self.0).map_err(|e| {
+            if self.may_hold_secret() && e.reason().contains('`') {
+                ConfigError::new(
+                    e.field().to_owned(),
+                    "has no valid host and port, and is not quoted: with an `@`, `?` or `#` it \
+                     may carry a password or a signature (a base URL takes no user info nor \
+                     query, and a `/`, `?` or `#` in user info ends the host there)",
+                )
+            } else {
+                e
+            }
+        })
+    }
+}
+
 impl fmt::Debug for BaseUrlText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.contains(['@', '?', '#']) {
+        if self.may_hold_secret() {
             f.write_str("\"<not shown: user info or a query>\"")
         } else {
             fmt::Debug::fmt(&self.0, f)
@@ -604,6 +630,12 @@ impl StackConfig {
         self.base_url.as_ref().map(|base| base.0.as_str())
     }
 
+    /// The layer of the base URL set, checked as [`validate`](Self::validate) checks it (its
+    /// error quoting nothing of one that may hold a secret); `None`: none set.
+    pub(crate) fn base_url_layer(&self) -> Option<Result<BaseUrlLayer, ConfigError>> {
+        self.base_url.as_ref().map(BaseUrlText::layer)
+    }
+
     /// The credit period at this speed.
     pub fn credit_period_duration(&self) -> Duration {
         self.scaled(self.credit_period)
@@ -884,9 +916,9 @@ impl StackConfig {
         {
             return err("daily_credits", "must be a finite number, 0 or more");
         }
-        // Its errors name no user info nor query: it refuses both before quoting anything.
-        if let Some(base) = &self.base_url {
-            BaseUrlLayer::new(&base.0)?;
+        // Its errors quote no user info nor query (see `BaseUrlText::layer`).
+        if let Some(layer) = self.base_url_layer() {
+            layer?;
         }
         Ok(())
     }
@@ -1475,24 +1507,43 @@ fn model_key_check(product: Product, model: &str) -> Result<(), String> {
     let routed = path
         .parse::<http::Uri>()
         .ok()
-        .and_then(|uri| Route::of(&Method::POST, uri.path()).pool())
-        .map(|pool| pool.to_string());
-    match routed {
-        Some(routed) if routed != key => {
-            return Err(format!(
-                "is a pool no create counts in: a create to `{path}` counts in `{routed}`; set \
-                 that"
-            ));
-        }
-        None => {
-            return Err(format!(
-                "is a pool no create counts in: `{model}` is never a create path's model (one \
-                 path segment, with no `?` or `#`)"
-            ));
-        }
-        Some(_) => {}
+        .and_then(|uri| Route::of(&Method::POST, uri.path()).pool());
+    let Some(routed) = routed else {
+        return Err(format!(
+            "is a pool no create counts in: `{model}` is never a create path's model (one path \
+             segment, with no `?` or `#`)"
+        ));
+    };
+    let routed_key = routed.to_string();
+    if routed_key != key {
+        // The key to set is one this check takes: the routed model lowercased too (an
+        // escaped capital, `%4Bling`, is routed as `Kling`).
+        return Err(match routed.model().map(lowercase_model) {
+            Some(lowercase) if routed.model() != Some(lowercase.as_str()) => format!(
+                "is a pool no create counts in: a create to `{path}` counts in `{routed_key}`, \
+                 and Kling's model names are lowercase; set `{}:{lowercase}`",
+                product.as_str(),
+            ),
+            _ => format!(
+                "is a pool no create counts in: a create to `{path}` counts in `{routed_key}`; \
+                 set `{routed_key}`"
+            ),
+        });
     }
-    // The hex digits of an escape (`%3A`) are no letters of the name.
+    let lowercase = lowercase_model(model);
+    if lowercase != model {
+        return Err(format!(
+            "has capitals in its model: Kling's model names are lowercase and a create path is \
+             compared as written, so no create counts in it; set `{}:{lowercase}`",
+            product.as_str(),
+        ));
+    }
+    Ok(())
+}
+
+/// `model` with its ASCII capitals lowercased, but not the hex digits of an escape (`%3A`),
+/// which are no letters of the name.
+fn lowercase_model(model: &str) -> String {
     let mut lowercase = String::with_capacity(model.len());
     let mut escape_digits = 0;
     for c in model.chars() {
@@ -1504,14 +1555,7 @@ fn model_key_check(product: Product, model: &str) -> Result<(), String> {
             lowercase.push(c.to_ascii_lowercase());
         }
     }
-    if lowercase != model {
-        return Err(format!(
-            "has capitals in its model: Kling's model names are lowercase and a create path is \
-             compared as written, so no create counts in it; set `{}:{lowercase}`",
-            product.as_str(),
-        ));
-    }
-    Ok(())
+    lowercase
 }
 
 /// A number type a variable's value is read as, with the largest value it holds.

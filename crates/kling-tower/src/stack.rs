@@ -523,7 +523,8 @@ impl<B: StackBackends> fmt::Debug for KlingLayer<B> {
 }
 
 impl KlingLayer {
-    /// The stack of `config`, against Kling's global host.
+    /// The stack of `config`, against its [base URL](StackConfig::base_url) (`KLING_BASE_URL`,
+    /// TOML `base_url`), else Kling's global host.
     pub fn new(config: StackConfig, credentials: Credentials) -> Result<KlingLayer, ConfigError> {
         KlingLayer::builder(config, credentials).build()
     }
@@ -531,10 +532,11 @@ impl KlingLayer {
     /// A builder, for the base URL, prices, monitor and other choices.
     pub fn builder(config: StackConfig, credentials: Credentials) -> KlingBuilder {
         // The configuration's base URL (`KLING_BASE_URL`), until `base_url` sets another.
-        let base_url = match config.configured_base_url() {
-            Some(base) => BaseUrlLayer::new(base),
-            None => Ok(BaseUrlLayer::global()),
-        };
+        // Its error quotes nothing of a base URL that may hold a secret (the builder's `Debug`
+        // shows it).
+        let base_url = config
+            .base_url_layer()
+            .unwrap_or_else(|| Ok(BaseUrlLayer::global()));
         KlingBuilder {
             config,
             credentials,

@@ -1555,7 +1555,7 @@ fn the_pool_of_every_real_create_path_is_accepted_as_a_key() {
 /// `KLING_BASE_URL` (TOML `base_url`) sets where the stack sends: an environment-only
 /// deployment reaches the China host, a proxy or the mock without code. The stack built from
 /// the configuration sends there; a builder's own `base_url` still wins.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_base_url_variable_and_key_set_where_the_stack_sends() {
     use std::sync::{Arc, Mutex};
 
@@ -1642,5 +1642,67 @@ fn a_bad_base_url_is_refused_naming_the_variable_without_echoing_secrets() {
     ] {
         let config = StackConfig::from_lookup(vars(&[("KLING_BASE_URL", base)])).unwrap();
         assert_eq!(config.configured_base_url(), Some(base));
+    }
+}
+
+/// A password with a `/`, `?` or `#` in it (a base64 one: `ab/cd+ef==`) ends the URL's host
+/// there, so the parser reads the rest of the user info as a port (`https://kling:s3cret/x@…`
+/// has "port" `s3cret`): the refusal must not quote it, through the variable, TOML, `validate`
+/// or a builder's `Debug` (the builder starts from the configuration's base URL).
+#[test]
+fn a_base_url_whose_password_ends_its_host_early_is_refused_without_quoting_it() {
+    use kling_tower::{Credentials, KlingLayer};
+
+    for base in [
+        "https://kling:s3cret/x+y==@proxy.internal/kling",
+        "https://kling:s3cret#@proxy.internal",
+        "https://kling:443s3cret/@proxy.internal",
+    ] {
+        let err = StackConfig::from_lookup(vars(&[("KLING_BASE_URL", base)])).unwrap_err();
+        assert_eq!(err.field(), "KLING_BASE_URL", "{base}: {err}");
+        assert!(err.reason().contains("not quoted"), "{base}: {err}");
+        assert!(!format!("{err} {err:?}").contains("s3cret"), "{err:?}");
+        let err = StackConfig::from_toml_str(&format!("base_url = \"{base}\"")).unwrap_err();
+        assert_eq!(err.field(), "base_url", "{base}: {err}");
+        assert!(!format!("{err} {err:?}").contains("s3cret"), "{err:?}");
+        let config = StackConfig::preset(Tier::Pro).base_url(base);
+        let err = config.validate().unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("s3cret"), "{err:?}");
+        let builder = KlingLayer::builder(config, Credentials::api_key("k").unwrap());
+        assert!(!format!("{builder:?}").contains("s3cret"), "{builder:?}");
+        let err = builder.build().unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("s3cret"), "{err:?}");
+    }
+    // The control: a base URL holding nothing secret is still quoted where it is wrong.
+    let err = StackConfig::from_lookup(vars(&[("KLING_BASE_URL", "https://proxy.internal:99999")]))
+        .unwrap_err();
+    assert!(err.reason().contains("`99999`"), "{err}");
+}
+
+/// Where a pool key is refused with the key to set instead, that key is one `validate` takes:
+/// an escaped capital (`Kling%2D3.0`, `%4Bling`) was sent to `video:Kling-3.0`, which the
+/// capitals rule then refused.
+#[test]
+fn the_pool_a_refusal_says_to_set_is_one_validate_takes() {
+    for (key, meant) in [
+        ("video:Kling%2D3.0", "video:kling-3.0"),
+        ("video:%4Bling", "video:kling"),
+        ("video:Kling-3.0", "video:kling-3.0"),
+        ("video:kling%2D3.0", "video:kling-3.0"),
+        ("video:kling-3.0;v=2", "video:kling-3.0"),
+        ("image:KLING-V2;x", "image:kling-v2"),
+    ] {
+        let err = StackConfig::preset(Tier::Pro)
+            .pool_slots(key, 3)
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.reason().ends_with(&format!("set `{meant}`")),
+            "{key}: {err}"
+        );
+        StackConfig::preset(Tier::Pro)
+            .pool_slots(meant, 3)
+            .validate()
+            .unwrap_or_else(|e| panic!("{key} names {meant}: {e}"));
     }
 }
