@@ -84,7 +84,9 @@
 //!   [`tokio::time::Sleep`] until the instant governor names, never governor's own
 //!   `until_ready`. Paused-time tests are exact. A request nothing queues before is admitted
 //!   in `call`: poll its future promptly, as one polled later is sent then, even into a pause
-//!   that began meanwhile.
+//!   that began meanwhile or together with requests admitted after it (a burst the quota
+//!   would have spaced). `oneshot`, `call_all` and the stack's layers above (kling-tower's
+//!   retry and task slots) poll what they call at once.
 //! - **Threads**: a key's governor state is one atomic cell, so the usual decision (a key the
 //!   thread asked recently, no cooldown, no quota change, no adaptive rate below its ceiling)
 //!   takes no lock and writes no line another request of another key writes; an adaptive key
@@ -95,7 +97,9 @@
 //! - **Cooldown**: a 1302 or a `Retry-After` pauses the whole key — queued and new requests
 //!   alike — which then resumes in order, an interval apart (the burst is spent when a pause
 //!   ends, so no burst goes at once); 1302s in a row escalate the pause up to a ceiling
-//!   ([`Cooldown`]). A proxy's or gateway's page (no Kling envelope, so the classify step's
+//!   ([`Cooldown`]). A success's `Retry-After` (code 0, e.g. a `202` naming when to poll its
+//!   task) refused nothing: it pauses nothing, and the success counts as any other. A
+//!   proxy's or gateway's page (no Kling envelope, so the classify step's
 //!   [`MalformedResponse`](kling_core::error::MalformedResponse) error, or the page itself
 //!   when no classify step is below) pauses it too: for its `Retry-After`, and as a 1302
 //!   would when its status is 429. While a remote store's report of the pause is on its way,

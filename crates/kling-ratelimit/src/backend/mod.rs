@@ -13,9 +13,9 @@
 //!   since when, so a store shared by several processes can serve their waiting requests in
 //!   that order; when the last such request gives up, the layer says so
 //!   ([`stop_waiting`](Backend::stop_waiting)).
-//! - [`feedback`](Backend::feedback): what a response said (success, or a 1302 / `Retry-After`),
-//!   so the key's cooldown, its escalation streak and its adaptive rate — which every process
-//!   sharing the account must see — live in the store too.
+//! - [`feedback`](Backend::feedback): what a response said (success, or a 1302 / a
+//!   refusal's `Retry-After`), so the key's cooldown, its escalation streak and its adaptive
+//!   rate — which every process sharing the account must see — live in the store too.
 //!
 //! Both return futures: the in-process backend's are [`std::future::Ready`], so the success path
 //! costs one lock and no allocation; a remote backend returns its own (e.g. boxed) futures and
@@ -128,12 +128,13 @@ pub enum Decision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Feedback {
-    /// The request succeeded (code 0).
+    /// The request succeeded (code 0), whatever `Retry-After` its answer carried.
     Success {
         /// When the request was admitted.
         sent_at: Instant,
     },
-    /// The server asked the key to slow down: a 1302 and/or a `Retry-After`.
+    /// The server asked the key to slow down: a 1302, and/or a `Retry-After` on an answer
+    /// that refused the request (any but a success).
     Pause {
         /// When the request was admitted.
         sent_at: Instant,

@@ -117,7 +117,8 @@ async fn a_1302_pauses_every_request_of_the_key_and_none_of_another() {
 async fn retry_after_in_seconds_pauses_the_key_until_then() {
     let reply = Reply::throttled().header("retry-after", "3");
     assert_eq!(pause_after(reply).await, expected(3000));
-    // Any response with a Retry-After pauses the key, not only a 1302.
+    // Any refusal with a Retry-After pauses the key, not only a 1302 (a success's does not:
+    // `a_retry_after_on_a_success_pauses_nothing`).
     let reply = Reply::status(503, 5001).header("retry-after", "2");
     assert_eq!(pause_after(reply).await, expected(2000));
 }
@@ -1052,19 +1053,70 @@ async fn a_retry_after_date_in_the_past_asks_for_no_pause() {
     let reply = Reply::status(503, 5001)
         .header("date", "Wed, 01 Jan 2025 00:00:10 GMT")
         .header("retry-after", past);
-    let times = pause_after(reply).await;
-    assert_eq!(
-        times,
-        vec![
-            ("a1".into(), 0),
-            ("b1".into(), 0),
-            ("a2".into(), 100),
-            ("a3".into(), 200),
-            ("a4".into(), 300),
-        ]
-    );
+    assert_eq!(pause_after(reply).await, unpaused());
     let reply = Reply::throttled().header("retry-after", past);
     assert_eq!(pause_after(reply).await, expected(1000));
+}
+
+/// [`pause_after`]'s requests when the first answer pauses nothing: `a` paced alone.
+fn unpaused() -> Vec<(String, u128)> {
+    vec![
+        ("a1".into(), 0),
+        ("b1".into(), 0),
+        ("a2".into(), 100),
+        ("a3".into(), 200),
+        ("a4".into(), 300),
+    ]
+}
+
+/// A success's `Retry-After` pauses nothing: the request was not refused, and RFC 9110 gives
+/// the header on a 2xx no meaning for other requests (an API that answers a create `202` with
+/// one says when to poll that task). Before, it paused the whole account: a gateway adding
+/// `Retry-After: 30` to each create's answer held every request of the account 30 s after
+/// each create.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_on_a_success_pauses_nothing() {
+    let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    for reply in [
+        Reply::ok().header("retry-after", "30"),
+        Reply::status(202, 0).header("retry-after", "30"),
+        Reply::ok()
+            .header("date", httpdate_fmt(date))
+            .header("retry-after", httpdate_fmt(date + Duration::from_secs(5))),
+    ] {
+        assert_eq!(pause_after(reply).await, unpaused());
+    }
+}
+
+/// A success with a `Retry-After` is a success all the same: it resets the 1302 streak, so the
+/// next 1302 pauses 1 s again, not 2 s. (Before, it was reported as a pause, not a success,
+/// and the streak ran on.)
+#[tokio::test(start_paused = true)]
+async fn a_success_with_retry_after_resets_the_streak() {
+    let server = Server::new();
+    server.script([
+        Reply::throttled(),
+        Reply::ok().header("retry-after", "0"),
+        Reply::throttled(),
+    ]);
+    let layer = GcraLayer::new(Quota::per_second(10.0)).unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    for i in 0..4 {
+        let tag = i.to_string();
+        service
+            .clone()
+            .oneshot(request(Some("a"), &tag))
+            .await
+            .unwrap();
+        if i == 1 {
+            let key = BucketKey::account(Some("a".into()));
+            assert_eq!(handle.backend().key_state(&key).unwrap().streak, 0);
+        }
+    }
+    let times: Vec<u128> = server.times_ms(start).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(times, vec![0, 1000, 1100, 2100]);
 }
 
 /// The head of a paused key's queue giving up during the pause hands the head on: the next

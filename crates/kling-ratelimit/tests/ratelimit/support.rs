@@ -120,8 +120,11 @@ impl Server {
 
     pub(crate) fn service(
         &self,
-    ) -> impl Service<Req, Response = Res, Error = BoxError, Future = impl Send> + Clone + Send + 'static
-    {
+    ) -> impl Service<Req, Response = Res, Error = BoxError, Future = impl Send + use<>>
+    + Clone
+    + Send
+    + 'static
+    + use<> {
         let server = self.clone();
         tower::service_fn(move |req: Req| {
             let server = server.clone();
