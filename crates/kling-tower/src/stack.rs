@@ -10,7 +10,7 @@
 //! | 3 | [`SpendGuardLayer`] (with a credit budget) | an over-budget create fails before it waits or is retried |
 //! | 4 | [`RetryLayer`] | decides from each attempt's `Outcome` whether and when to try again; its deadline bounds every wait below |
 //! | 5 | [`TaskSlotsLayer`] | a create waits for a weighted slot in its pool, held until the task ends; a retried 1303 waits here |
-//! | 6 | [`GcraLayer`] | paces every attempt, retries included; a 1302 or a `Retry-After` pauses the whole account; under a rate cap the [adaptive rate](crate::StackConfig::adaptive_rate) slows below it after 1302s; `/account/costs` once a second (without a rate cap, only these) |
+//! | 6 | [`GcraLayer`] | paces every attempt, retries included; a 1302 or a refusal's `Retry-After` pauses the whole account; under a rate cap the [adaptive rate](crate::StackConfig::adaptive_rate) slows below it after 1302s; `/account/costs` once a second (without a rate cap, only these) |
 //! | 7 | [`AuthLayer`] | sets the bearer token per attempt; on 1003/1004 drops the refused token, and the retry layer resends once, signed afresh |
 //! | 8 | [`AttemptTimeoutLayer`] | per attempt, around the classify step, so a stalled body counts too; its timer is armed only when the attempt waits |
 //! | 9 | [`ClassifyLayer`] | reads the body (bounded) and parses the envelope once |
@@ -81,8 +81,8 @@ pub use sources::{RateLimitSource, SlotsSource};
 pub type Attempt<S> = Auth<AttemptTimeout<kling_core::Classify<BaseUrl<S>>>>;
 /// [`Attempt`] paced by the rate limiter (on the rate backend of `B`). Without a rate cap its
 /// account quota never holds a request (one a microsecond, 65,535 back to back), and it still
-/// pauses the account after a 1302 or a `Retry-After` and keeps `/account/costs` to one a
-/// second.
+/// pauses the account after a 1302 or a refusal's `Retry-After` and keeps `/account/costs` to
+/// one a second.
 pub type Paced<S, B = InProcess> = kling_ratelimit::Gcra<Attempt<S>, <B as StackBackends>::Rate>;
 /// Retry over task slots (on the slots backend of `B`) over [`Paced`].
 pub type Core<S, B = InProcess> =
@@ -448,7 +448,7 @@ impl KlingBuilder<crate::backends::Redis> {
 
 /// The account quota of a preset without a rate cap (Enterprise by default, ResourcePack): a
 /// request every microsecond, 65,535 back to back, so it never holds an ordinary request; the
-/// rate limiter is there for its cooldown (a 1302 or a `Retry-After` pauses the whole
+/// rate limiter is there for its cooldown (a 1302 or a refusal's `Retry-After` pauses the whole
 /// account, as with a cap) and the `/account/costs` quota of one a second.
 fn uncapped() -> Quota {
     Quota::with_period(Duration::from_micros(1)).with_burst(65_535)
