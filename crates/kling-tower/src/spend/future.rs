@@ -25,6 +25,9 @@ pub(crate) struct Settle {
     pub(crate) account: Option<AccountId>,
     /// What was reserved, as the ledger counts.
     pub(crate) estimate: Nanos,
+    /// The create's external id as the guard recognised it (the caller's), to remember it by
+    /// should its outcome be unknown.
+    pub(crate) external_id: Option<String>,
     /// Whether the layers below held the create back unsent, read if the caller drops it.
     pub(crate) watch: SendWatch,
 }
@@ -36,7 +39,8 @@ impl Settle {
         if self.watch.never_sent() {
             self.ledger.release(&self.account, self.estimate);
         } else {
-            self.ledger.kept(&self.account, self.estimate);
+            self.ledger
+                .kept(&self.account, self.estimate, self.external_id);
         }
     }
 }
@@ -136,6 +140,7 @@ where
                     ledger,
                     account,
                     estimate,
+                    external_id,
                     ..
                 } = settle;
                 match result {
@@ -144,14 +149,14 @@ where
                             Ok(outcome) if outcome.is_success() => match outcome.task() {
                                 Some(task) => ledger.created(&account, estimate, task),
                                 // A success without a task id keeps its estimate.
-                                None => ledger.kept(&account, estimate),
+                                None => ledger.kept(&account, estimate, external_id),
                             },
                             Ok(outcome) if !outcome.may_have_created() => {
                                 ledger.release(&account, estimate);
                             }
                             // 5000/5002, an unknown code or an unreadable body: the task may
                             // exist and be billed.
-                            _ => ledger.kept(&account, estimate),
+                            _ => ledger.kept(&account, estimate, external_id),
                         }
                         Poll::Ready(Ok(response))
                     }
@@ -159,7 +164,10 @@ where
                         if made_no_task(&*error) {
                             ledger.release(&account, estimate);
                         } else {
-                            ledger.kept(&account, estimate);
+                            // The id a retry layer below looks the create up by: the caller's,
+                            // or one it generated, which the request never showed here.
+                            let named = retry_external_id(&*error).map(str::to_owned);
+                            ledger.kept(&account, estimate, named.or(external_id));
                         }
                         Poll::Ready(Err(error))
                     }
@@ -209,6 +217,23 @@ fn made_no_task(error: &(dyn StdError + 'static)) -> bool {
         current = link.source();
     }
     !kling_core::error::may_have_created(error)
+}
+
+/// The external id a retry layer's error names for a create that may have made a task
+/// ([`Failed::external_id`], [`DeadlineExceeded::external_id`]): the caller's, or the `kr-…` one
+/// the layer generated and wrote into the create below the guard.
+fn retry_external_id<'e>(error: &'e (dyn StdError + 'static)) -> Option<&'e str> {
+    let mut current = Some(error);
+    while let Some(link) = current {
+        if let Some(failed) = link.downcast_ref::<Failed>() {
+            return failed.external_id();
+        }
+        if let Some(late) = link.downcast_ref::<DeadlineExceeded>() {
+            return late.external_id();
+        }
+        current = link.source();
+    }
+    None
 }
 
 /// Whether a retry layer's last failure made no task, once the layer said no create is left

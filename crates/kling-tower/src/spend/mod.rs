@@ -21,11 +21,26 @@
 //! One task is charged once. A create answered with a task the ledger has charged already (a
 //! resend Kling answered with the task it had made for the same `external_task_id`, a server's
 //! echo) gives its estimate back: the task's first estimate, or its real cost once reported,
-//! is what it costs. The ledger knows the tasks still awaiting their cost, and the last
-//! [`CHARGED_TASKS_KEPT`] of an account's others (cost reported, or charged to a period that
-//! has ended); a create answered with a task older than those is charged again, as is one
-//! whose first create's outcome was unknown (kept with no task id to match). Ids are not kept
-//! for ever: memory stays bounded.
+//! is what it costs. A create whose outcome was unknown is kept with no task id, but with its
+//! external id when it has one: the caller's `external_task_id` / `external_id`, or the `kr-…`
+//! id a retry layer below generated, which the guard reads from that layer's error
+//! ([`Failed::external_id`](kling_retry::error::Failed::external_id)). The first task not
+//! charged yet that a query or a callback reports with that id echoed (the lookup by external
+//! id KLING_API.md asks for before creating again) is charged that create's estimate and
+//! awaits its real cost as any other, which then replaces it. A create's answer does not
+//! match it: a resend answered with a task not charged yet is charged its own estimate, as
+//! whether Kling answers a duplicate external id with the task it made, refuses it or makes
+//! a second one is unconfirmed (in the last case both are billed), so an unknown create
+//! resent without a lookup stays charged twice until its period ends. One not matched by its
+//! period's end is forgotten with that period (its estimate stays charged there).
+//!
+//! The ledger knows the tasks still awaiting their cost, the last [`CHARGED_TASKS_KEPT`] of an
+//! account's others (cost reported, or charged to a period that has ended) and the last
+//! [`UNKNOWN_CREATES_KEPT`] of its creates kept with an unknown outcome and an external id. A
+//! create answered with a task older than those is charged again, as is the task of an
+//! unknown create older than those, of one that had no external id, or of one whose generated
+//! id the guard never saw (dropped by its caller while a retry layer below had it out). Ids
+//! are not kept for ever: memory stays bounded.
 //!
 //! The refusal is read wherever it arrives: as a response (the guard over a bare client), or
 //! as the error a retry layer below makes of it (the guard in [`KlingLayer`](crate::KlingLayer),
@@ -204,6 +219,11 @@ impl CostTable {
 /// create answered with one of them as no new task (see the [module docs](self)).
 pub const CHARGED_TASKS_KEPT: usize = 1024;
 
+/// How many of an account's creates kept with an unknown outcome (a 5000, a timeout, a create
+/// a retry layer left unresolved) the ledger remembers by their external id, to charge the
+/// task one of them made once when it turns up (see the [module docs](self)).
+pub const UNKNOWN_CREATES_KEPT: usize = 1024;
+
 /// Slack for comparing credits given as floats: one nano-credit, the ledger's unit.
 pub(crate) const EPSILON: f64 = 1e-9;
 
@@ -234,6 +254,9 @@ struct Account {
     tasks: HashMap<String, Nanos>,
     /// Tasks charged and no longer in `tasks`: a create answered with one made no new task.
     charged: ChargedTasks,
+    /// Creates of this period kept with an unknown outcome, by external id: the task one made,
+    /// when it turns up, is charged its estimate.
+    unknown: UnknownCreates,
 }
 
 /// The ids of the latest [`CHARGED_TASKS_KEPT`] tasks an account was charged for and no longer
@@ -263,6 +286,67 @@ impl ChargedTasks {
     }
 }
 
+/// The latest [`UNKNOWN_CREATES_KEPT`] creates of an account's period kept with an unknown
+/// outcome and an external id, each with the estimate it kept, oldest forgotten first (its
+/// estimate stays charged; the task it made, if any, is then charged again when it turns up).
+/// Two such creates with one external id are two entries: each may have made a task.
+#[derive(Debug, Default)]
+struct UnknownCreates {
+    /// External id and estimate, oldest first.
+    order: VecDeque<(String, Nanos)>,
+    /// External id → how many entries of `order` carry it: a report naming none of them is
+    /// passed over without a search.
+    counts: HashMap<String, usize>,
+}
+
+impl UnknownCreates {
+    /// Remembers a create; returns whether the oldest was forgotten to make room.
+    fn insert(&mut self, id: String, estimate: Nanos) -> bool {
+        *self.counts.entry(id.clone()).or_default() += 1;
+        self.order.push_back((id, estimate));
+        if self.order.len() > UNKNOWN_CREATES_KEPT
+            && let Some((oldest, _)) = self.order.pop_front()
+        {
+            self.uncount(&oldest);
+            return true;
+        }
+        false
+    }
+
+    /// The estimate of the oldest create remembered with external id `id`, forgotten now.
+    fn take(&mut self, id: &str) -> Option<Nanos> {
+        if !self.counts.contains_key(id) {
+            return None;
+        }
+        let at = self.order.iter().position(|(kept, _)| kept == id)?;
+        let (id, estimate) = self.order.remove(at)?;
+        self.uncount(&id);
+        Some(estimate)
+    }
+
+    fn uncount(&mut self, id: &str) {
+        if let Some(count) = self.counts.get_mut(id) {
+            *count -= 1;
+            if *count == 0 {
+                self.counts.remove(id);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.order.clear();
+        self.counts.clear();
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Ledger {
     budget: f64,
@@ -271,7 +355,8 @@ pub(crate) struct Ledger {
     period: Duration,
     costs: CostTable,
     accounts: Mutex<HashMap<Option<AccountId>, Account>>,
-    /// Tasks whose cost is awaited, over all accounts: responses are only inspected when
+    /// Tasks whose cost is awaited, over all accounts, and creates kept with an unknown outcome
+    /// whose task may still turn up by their external id: responses are only inspected when
     /// some are.
     awaited: AtomicUsize,
 }
@@ -294,6 +379,7 @@ impl Ledger {
             open: 0,
             tasks: HashMap::new(),
             charged: ChargedTasks::default(),
+            unknown: UnknownCreates::default(),
         });
         if now >= account.period_start + self.period {
             let periods = (now - account.period_start).as_nanos() / self.period.as_nanos().max(1);
@@ -306,12 +392,18 @@ impl Ledger {
             // period: they count in it. Forgotten, as they were, a period could spend its
             // whole budget on top of every create that waited at its start.
             account.committed = account.open;
-            self.awaited
-                .fetch_sub(account.tasks.len(), Ordering::Relaxed);
+            self.awaited.fetch_sub(
+                account.tasks.len() + account.unknown.len(),
+                Ordering::Relaxed,
+            );
             // Charged to the period that ended: a create answered with one now owes nothing.
             for (id, _) in account.tasks.drain() {
                 account.charged.insert(id);
             }
+            // Charged to the period that ended too, but no task is known to exist: one a lookup
+            // reports now is charged here (over-counted at worst, as an unknown outcome always
+            // is).
+            account.unknown.clear();
         }
         account
     }
@@ -339,11 +431,18 @@ impl Ledger {
 
     /// Settles a reservation as spent with no task to read its cost from (a success that
     /// named none, a create whose fate is unknown): it stays charged to the current period and
-    /// is carried no further.
-    fn kept(&self, key: &Option<AccountId>, estimate: Nanos) {
+    /// is carried no further. With the create's `external_id`, it is remembered: the task that
+    /// turns up with that id is charged this estimate ([`UnknownCreates`]).
+    fn kept(&self, key: &Option<AccountId>, estimate: Nanos, external_id: Option<String>) {
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, Instant::now());
         account.open = account.open.saturating_sub(estimate);
+        if let Some(id) = external_id
+            && !account.unknown.insert(id, estimate)
+        {
+            // Awaited (the fast path of `observe`) unless the oldest made room for it.
+            self.awaited.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Gives a reservation back (the create did not happen), in whichever period it was
@@ -358,6 +457,12 @@ impl Ledger {
     /// Records the task a create made, in the current period (its reservation, carried into
     /// it, is charged there), then applies its report. A task already charged (another create
     /// answered with it) is one task: this create's reservation goes back.
+    ///
+    /// A task not charged yet is this create's, even when it carries the external id of an
+    /// earlier create kept with an unknown outcome: whether Kling answers a duplicate external
+    /// id with the task it made, refuses it (`1201`, as kling-mock does) or makes a second task
+    /// is unconfirmed, and in the last case both creates are billed. Only a lookup or callback
+    /// ([`observe`](Self::observe)) hands an unknown create's estimate to its task.
     fn created(&self, key: &Option<AccountId>, estimate: Nanos, report: &TaskReport) {
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, Instant::now());
@@ -383,7 +488,26 @@ impl Ledger {
         }
         let account = self.account(&mut accounts, key, Instant::now());
         for report in reports {
+            Self::match_unknown(account, report);
             self.apply(account, report);
+        }
+    }
+
+    /// Charges a reported task not charged yet the estimate of a create kept with an unknown
+    /// outcome and the external id the report echoes (a lookup by that id, a callback): that
+    /// create's task. Awaited as the create was: the count stays.
+    fn match_unknown(account: &mut Account, report: &TaskReport) {
+        if account.unknown.is_empty() {
+            return;
+        }
+        let Some(external_id) = report.external_id.as_deref() else {
+            return;
+        };
+        if account.tasks.contains_key(&report.id) || account.charged.contains(&report.id) {
+            return;
+        }
+        if let Some(kept) = account.unknown.take(external_id) {
+            account.tasks.insert(report.id.clone(), kept);
         }
     }
 
@@ -586,13 +710,18 @@ where
         // Only a POST can create; anything else skips recognition.
         let estimate = if request.method() == Method::POST {
             let recognized = Recognized::of(&mut request);
-            recognized
-                .is_create()
-                .then(|| self.ledger.costs.estimate(recognized))
+            recognized.is_create().then(|| {
+                (
+                    self.ledger.costs.estimate(recognized),
+                    // Kept should its outcome be unknown: the task it made is found by it. An id
+                    // a retry layer below writes in is not here yet (its error names it).
+                    recognized.external_id.clone(),
+                )
+            })
         } else {
             None
         };
-        let Some(estimate) = estimate else {
+        let Some((estimate, external_id)) = estimate else {
             let observe = (self.ledger.awaited.load(Ordering::Relaxed) > 0)
                 .then(|| (self.ledger.clone(), AccountId::of(&request).cloned()));
             return future::ResponseFuture::observe(self.inner.call(request), observe);
@@ -609,6 +738,7 @@ where
                     ledger: self.ledger.clone(),
                     account,
                     estimate,
+                    external_id,
                     watch,
                 }));
                 // Settled by `calling` if this call panics, by the future once it returns.

@@ -10,7 +10,7 @@ use kling_mock::{MockConfig, MockKling, Preset};
 use kling_tower::error::BudgetExceeded;
 use kling_tower::preset::{StackConfig, Tier};
 use kling_tower::retry::error::{DeadlineExceeded as RetryDeadlineExceeded, Failed, StopReason};
-use kling_tower::spend::{CHARGED_TASKS_KEPT, CostTable, SpendGuardLayer};
+use kling_tower::spend::{CHARGED_TASKS_KEPT, CostTable, SpendGuardLayer, UNKNOWN_CREATES_KEPT};
 use kling_tower::{Credentials, Kling, KlingLayer};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -1354,4 +1354,308 @@ async fn the_billed_tasks_remembered_are_the_last_charged_tasks_kept() {
     assert_eq!(guard.committed(None), billed + 1.0, "t1 is remembered");
     send(&mut svc, create("t0")).await.unwrap();
     assert_eq!(guard.committed(None), billed + 4.0, "t0 is forgotten");
+}
+
+/// A legacy success naming task `id` in `status`, echoing `external` in `task_info` unless it
+/// is empty, with `more` fields (a cost) after.
+fn task(id: &str, external: &str, status: &str, more: &str) -> String {
+    let info = if external.is_empty() {
+        String::new()
+    } else {
+        format!(r#","task_info":{{"external_task_id":"{external}"}}"#)
+    };
+    format!(
+        r#"{{"code":0,"message":"ok","request_id":"r","data":{{"task_id":"{id}","task_status":"{status}"{info}{more}}}}}"#
+    )
+}
+
+/// A legacy client where the first create sent with an `external_task_id` starting `lost` is
+/// answered `5000` (its outcome unknown, though it made task `task-<id>`), and every other
+/// create with an external id is answered with task `task-<id>` (the task the first made, for
+/// a resend), echoing the id in `task_info` when `echo`; a create without one makes `t<n>`. A
+/// query (by task id, or by external id) answers its task finished, billed 1, echoing its
+/// external id.
+fn lost_first_creates(echo: bool) -> Client {
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let made = Arc::new(AtomicUsize::new(0));
+    Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+        let (seen, made) = (seen.clone(), made.clone());
+        async move {
+            if req.method() == http::Method::POST {
+                let sent = http_body_util::BodyExt::collect(req.into_body()).await?;
+                let sent: serde_json::Value = serde_json::from_slice(&sent.to_bytes())?;
+                let Some(external) = sent["external_task_id"].as_str() else {
+                    let n = made.fetch_add(1, Ordering::Relaxed);
+                    return Ok(envelope(200, &task(&format!("t{n}"), "", "submitted", "")));
+                };
+                if external.starts_with("lost") && seen.lock().unwrap().insert(external.to_owned())
+                {
+                    let lost = r#"{"code":5000,"message":"internal error","request_id":"r"}"#;
+                    return Ok(envelope(500, lost));
+                }
+                let echoed = if echo { external } else { "" };
+                let body = task(&format!("task-{external}"), echoed, "submitted", "");
+                return Ok::<_, BoxError>(envelope(200, &body));
+            }
+            let asked = req.uri().path().rsplit('/').next().unwrap_or_default();
+            let external = asked.strip_prefix("task-").unwrap_or(asked);
+            let billed = r#","final_unit_deduction":"1""#;
+            let body = task(&format!("task-{external}"), external, "succeed", billed);
+            Ok(envelope(200, &body))
+        }
+    }))
+}
+
+/// A legacy video create sent with `external_task_id` `id`.
+fn create_as(id: &str) -> http::Request<Full<Bytes>> {
+    let body = format!(r#"{{"prompt":"a cat","external_task_id":"{id}"}}"#);
+    authed("POST", "/v1/videos/text2video", &body)
+}
+
+/// A legacy query of `id`: a task id, or an external id (`GET {create path}/{id}`).
+fn query_of(id: &str) -> http::Request<Full<Bytes>> {
+    authed("GET", &format!("/v1/videos/text2video/{id}"), "")
+}
+
+/// A create answered `5000` keeps its estimate (its task may exist). A resend with the same
+/// external id answered with a task not charged yet is charged its own estimate, whatever id it
+/// echoes: whether Kling answers a duplicate external id with the first create's task or makes
+/// a second, billed one is unconfirmed. Here it makes a second (`t2`), and the first create's
+/// task (`t1`), found by a lookup by the external id, is billed too: giving the resend's task
+/// the unknown create's estimate would have counted one of the two billed tasks.
+#[tokio::test(start_paused = true)]
+async fn a_resend_answered_with_a_task_not_charged_yet_is_charged_its_own_estimate() {
+    for echo in [true, false] {
+        let creates = Arc::new(AtomicUsize::new(0));
+        let client = {
+            let creates = creates.clone();
+            Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+                let n = (req.method() == http::Method::POST)
+                    .then(|| creates.fetch_add(1, Ordering::Relaxed));
+                async move {
+                    let (status, body) = match n {
+                        Some(0) => (
+                            500,
+                            r#"{"code":5000,"message":"internal","request_id":"r"}"#.to_owned(),
+                        ),
+                        Some(_) => {
+                            let echoed = if echo { "lost-1" } else { "" };
+                            (200, task("t2", echoed, "submitted", ""))
+                        }
+                        // A lookup by the external id finds the first create's task.
+                        None => {
+                            let billed = r#","final_unit_deduction":"1""#;
+                            (200, task("t1", "lost-1", "succeed", billed))
+                        }
+                    };
+                    Ok::<_, BoxError>(envelope(status, &body))
+                }
+            }))
+        };
+        let guard = SpendGuardLayer::new(10.0, CostTable::new().video(3.0)).unwrap();
+        let mut svc = guard.layer(ClassifyLayer::new().layer(client));
+        let lost = send(&mut svc, create_as("lost-1")).await.unwrap();
+        assert_eq!(lost.code(), Code::InternalError);
+        assert_eq!(guard.committed(None), 3.0, "kept: the task may exist");
+
+        let resent = send(&mut svc, create_as("lost-1")).await.unwrap();
+        assert_eq!(resent.task().unwrap().id, "t2");
+        assert_eq!(
+            guard.committed(None),
+            6.0,
+            "the resend's task may be a second one (echo {echo})"
+        );
+
+        send(&mut svc, query_of("lost-1")).await.unwrap();
+        assert_eq!(
+            guard.committed(None),
+            4.0,
+            "t1 found by the lookup: its cost replaces the first estimate (echo {echo})"
+        );
+    }
+}
+
+/// A create answered `5000`, then looked up by its external id as KLING_API.md asks: the task
+/// the lookup reports is the create's, and its cost replaces the estimate. The report was
+/// never matched (the guard was not even reading answers: no task awaited a cost), so the
+/// estimate stayed charged whatever the task cost. A callback reporting the task by its
+/// external id counts the same, and a resend answered with the task is charged nothing.
+#[tokio::test(start_paused = true)]
+async fn a_lookup_by_external_id_after_an_unknown_outcome_replaces_the_estimate_with_the_cost() {
+    let guard = SpendGuardLayer::new(10.0, CostTable::new().video(3.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(lost_first_creates(true)));
+    send(&mut svc, create_as("lost-1")).await.unwrap();
+    assert_eq!(guard.committed(None), 3.0);
+    let found = send(&mut svc, query_of("lost-1")).await.unwrap();
+    assert_eq!(found.task().unwrap().id, "task-lost-1");
+    assert_eq!(
+        guard.committed(None),
+        1.0,
+        "the task's cost replaces the estimate"
+    );
+    send(&mut svc, create_as("lost-1")).await.unwrap();
+    assert_eq!(guard.committed(None), 1.0, "the resend made no new task");
+
+    // A callback names the task of another lost create by its external id.
+    send(&mut svc, create_as("lost-2")).await.unwrap();
+    assert_eq!(guard.committed(None), 4.0);
+    let callback = r#"{"task_id":"task-lost-2","task_status":"succeed","final_unit_deduction":"2","task_info":{"external_task_id":"lost-2"}}"#;
+    let report = &kling_core::Envelope::read_callback(callback.as_bytes()).unwrap()[0];
+    guard.report(None, report);
+    assert_eq!(guard.committed(None), 3.0, "1 + 2: both tasks billed");
+}
+
+/// Only the task of the unknown create's own external id takes its estimate: a create with
+/// another id is a task of its own, charged, and a report of it leaves the unknown create
+/// waiting for its own task. The control for the two tests above.
+#[tokio::test(start_paused = true)]
+async fn a_create_with_another_external_id_is_still_charged() {
+    let guard = SpendGuardLayer::new(10.0, CostTable::new().video(3.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(lost_first_creates(true)));
+    send(&mut svc, create_as("lost-1")).await.unwrap();
+    let other = send(&mut svc, create_as("job-2")).await.unwrap();
+    assert_eq!(other.task().unwrap().id, "task-job-2");
+    assert_eq!(guard.committed(None), 6.0, "another id, another task");
+    send(&mut svc, video()).await.unwrap();
+    assert_eq!(guard.committed(None), 9.0, "no id, another task");
+    send(&mut svc, query_of("job-2")).await.unwrap();
+    assert_eq!(
+        guard.committed(None),
+        7.0,
+        "job-2's cost replaces job-2's estimate only"
+    );
+
+    // lost-1's estimate still waits for lost-1's task, which a lookup by its id finds.
+    send(&mut svc, query_of("lost-1")).await.unwrap();
+    assert_eq!(guard.committed(None), 5.0);
+}
+
+/// The unknown creates remembered are bounded: an account's last `UNKNOWN_CREATES_KEPT`. The
+/// task a lookup finds for one of them takes its estimate (its cost, 1, replaces the 2
+/// kept); one forgotten before its task turned up stays charged, as documented.
+#[tokio::test(start_paused = true)]
+async fn the_unknown_creates_remembered_are_the_last_unknown_creates_kept() {
+    let guard = SpendGuardLayer::new(1e6, CostTable::new().video(2.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(lost_first_creates(true)));
+    for n in 0..=UNKNOWN_CREATES_KEPT {
+        let lost = send(&mut svc, create_as(&format!("lost-{n}")))
+            .await
+            .unwrap();
+        assert_eq!(lost.code(), Code::InternalError);
+    }
+    let kept = 2.0 * (UNKNOWN_CREATES_KEPT + 1) as f64;
+    assert_eq!(guard.committed(None), kept);
+    send(&mut svc, query_of("lost-1")).await.unwrap();
+    assert_eq!(guard.committed(None), kept - 1.0, "lost-1 is remembered");
+    let newest = format!("lost-{UNKNOWN_CREATES_KEPT}");
+    send(&mut svc, query_of(&newest)).await.unwrap();
+    assert_eq!(guard.committed(None), kept - 2.0, "so is the newest");
+    send(&mut svc, query_of("lost-0")).await.unwrap();
+    assert_eq!(guard.committed(None), kept - 2.0, "lost-0 is forgotten");
+}
+
+/// Through the stack, a create without an external id of its own gets a generated `kr-…` one
+/// from the retry layer, below the guard: a `5000`, then a lookup refused for good, leave it
+/// unresolved, and the retry layer's error names that id. The guard reads it there, so the
+/// lookup the caller then makes by it is matched: the task's cost replaces the estimate, and
+/// a resend with that id answered with the task is charged nothing.
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_lookup_by_a_generated_id_replaces_the_estimate_with_the_cost() {
+    let creates = Arc::new(AtomicUsize::new(0));
+    let queries = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let (creates, queries) = (creates.clone(), queries.clone());
+        Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+            let (status, body) = if req.method() == http::Method::POST {
+                match creates.fetch_add(1, Ordering::Relaxed) {
+                    0 => (500, r#"{"code":5000,"message":"internal","request_id":"r"}"#.to_owned()),
+                    _ => (200, r#"{"code":0,"message":"ok","request_id":"r","data":{"task_id":"t9","task_status":"submitted"}}"#.to_owned()),
+                }
+            } else {
+                let asked = req.uri().path().rsplit('/').next().unwrap_or_default();
+                match queries.fetch_add(1, Ordering::Relaxed) {
+                    // The retry layer's lookup.
+                    0 => (
+                        429,
+                        r#"{"code":1101,"message":"arrears","request_id":"r"}"#.to_owned(),
+                    ),
+                    _ => (
+                        200,
+                        format!(
+                            r#"{{"code":0,"message":"ok","request_id":"r","data":{{"task_id":"t9","task_status":"succeed","final_unit_deduction":"0.5","task_info":{{"external_task_id":"{asked}"}}}}}}"#
+                        ),
+                    ),
+                }
+            };
+            async move { Ok::<_, BoxError>(envelope(status, &body)) }
+        }))
+    };
+    let (kling, service) = free_stack(client);
+    let guard = kling.spend_guard().unwrap().clone();
+    let account = Some(kling.account_id());
+
+    let err = service.clone().oneshot(video()).await.unwrap_err();
+    let failed = err
+        .downcast_ref::<Failed>()
+        .expect("the retry layer's error");
+    assert!(failed.may_have_created(), "{failed}");
+    let id = failed.external_id().expect("a generated id").to_owned();
+    assert!(id.starts_with("kr-"), "{id}");
+    assert_eq!(guard.committed(account), 1.0);
+
+    let found = service.clone().oneshot(query_of(&id)).await.unwrap();
+    assert!(Outcome::of(&found).unwrap().is_success());
+    assert_eq!(
+        guard.committed(account),
+        0.5,
+        "the task's cost replaces the estimate"
+    );
+    let resent = service.clone().oneshot(create_as(&id)).await.unwrap();
+    assert_eq!(Outcome::of(&resent).unwrap().task().unwrap().id, "t9");
+    assert_eq!(guard.committed(account), 0.5, "the resend made no new task");
+    assert_eq!(creates.load(Ordering::Relaxed), 2);
+}
+
+/// A create its caller gave up on (a timeout) while it was out, unanswered, keeps its estimate
+/// with its external id: the lookup by that id finds its task, whose cost replaces the
+/// estimate, and a resend answered with that task is then charged nothing.
+#[tokio::test(start_paused = true)]
+async fn a_create_timed_out_unanswered_then_looked_up_by_its_external_id_is_charged_once() {
+    let creates = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let creates = creates.clone();
+        Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+            let create = req.method() == http::Method::POST;
+            let first = create && creates.fetch_add(1, Ordering::Relaxed) == 0;
+            async move {
+                if first {
+                    std::future::pending::<()>().await;
+                }
+                let (status, billed) = if create {
+                    ("submitted", "")
+                } else {
+                    ("succeed", r#","final_unit_deduction":"1""#)
+                };
+                let body = task("t1", "job-1", status, billed);
+                Ok::<_, BoxError>(envelope(200, &body))
+            }
+        }))
+    };
+    let guard = SpendGuardLayer::new(10.0, CostTable::new().video(3.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(client));
+    let call = svc.ready().await.unwrap().call(create_as("job-1"));
+    let timed_out = tokio::time::timeout(Duration::from_secs(30), call).await;
+    assert!(timed_out.is_err(), "never answered");
+    assert_eq!(
+        guard.committed(None),
+        3.0,
+        "kept: it may have reached the server"
+    );
+
+    let found = send(&mut svc, query_of("job-1")).await.unwrap();
+    assert_eq!(found.task().unwrap().id, "t1");
+    assert_eq!(guard.committed(None), 1.0, "its cost replaces the estimate");
+    send(&mut svc, create_as("job-1")).await.unwrap();
+    assert_eq!(guard.committed(None), 1.0, "one task, charged once");
+    assert_eq!(creates.load(Ordering::Relaxed), 2);
 }
