@@ -74,15 +74,16 @@ pub struct RunArgs {
     /// Where results go, one JSON line per job. Default: `JOBS.results.jsonl`.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
-    /// The API's base URL (a region, a proxy, or a mock). Default: `KLING_BASE_URL` (or the
-    /// `--config` file's `base_url`), else the global host.
+    /// The API's base URL (a region, a proxy, or a mock). Default: `KLING_BASE_URL` (read with
+    /// `--config` too), else the `--config` file's `base_url`, else the global host.
     #[arg(long)]
     pub base_url: Option<String>,
     /// The account tier: free, standard, pro, enterprise, resource-pack (default: `KLING_TIER`,
     /// else free). `KLING_*` variables override its numbers.
     #[arg(long, conflicts_with = "config")]
     pub tier: Option<Tier>,
-    /// A TOML file with the tier and every number (see kling-tower's `preset` docs).
+    /// A TOML file with the tier and every number (see kling-tower's `preset` docs); the
+    /// `KLING_*` variables of the stack are not read with it, but for `KLING_BASE_URL`.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Speed factor (for a sped-up mock): rates × N, durations ÷ N.
@@ -409,16 +410,27 @@ pub fn download_timeouts(args: &RunArgs) -> Result<DownloadTimeouts, SetupError>
     Ok(timeouts)
 }
 
-/// Reads the stack configuration: `--config`, else `--tier` with `KLING_*` overrides, else
-/// `KLING_*` alone; then `--speed`.
+/// Reads the stack configuration: `--config` (with `KLING_BASE_URL` over its `base_url`),
+/// else `--tier` with `KLING_*` overrides, else `KLING_*` alone; then `--speed`.
 pub fn load_config(args: &RunArgs) -> Result<StackConfig, SetupError> {
     let config = if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             SetupError::new("--config", format!("cannot read {}: {e}", path.display()))
         })?;
-        StackConfig::from_toml_str(&text).map_err(|e| {
+        let config = StackConfig::from_toml_str(&text).map_err(|e| {
             SetupError::new(format!("{} ({})", path.display(), e.field()), e.to_string())
-        })?
+        })?;
+        // `KLING_BASE_URL` is read with `--config` too, over the file's `base_url`, where the
+        // other `KLING_*` variables are not: where to send, like `KLING_REDIS_URL`, is the
+        // deployment's. Ignored, the run went to the file's base URL (or the global host)
+        // without a word.
+        match env_text(BASE_URL_VAR)? {
+            Some(base) if !base.trim().is_empty() => {
+                check_base_url(&base, BASE_URL_VAR)?;
+                config.base_url(base.trim())
+            }
+            _ => config,
+        }
     } else if let Some(tier) = args.tier {
         // As `from_env` does: a variable named as one read here in another case or unit is
         // refused (read by name alone, it was ignored and the preset's value used without a
@@ -545,7 +557,14 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     if !new_style.is_empty() && !journal_path.exists() {
         return Err(refuse_new_style_jobs(&new_style).into());
     }
-    let stack = build_stack(&args, config.clone(), credentials).await?;
+    // Every check of the input comes before anything is made or bound: the journal (which a
+    // run makes when it is new), a listener, the `--download` folder. A run refused for its
+    // input, or by its journal, leaves nothing behind.
+    let callback = callback_settings(&args)?;
+    // Checked before a Redis is connected to; a `--base-url` refused quotes nothing of it.
+    let (base, source) = base_url(&args, &config);
+    check_base_url(&base, &source)?;
+    let stack = build_stack(&args, config.clone(), credentials, (base, source)).await?;
     let output = args
         .output
         .clone()
@@ -557,17 +576,12 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     check_distinct(&args, &journal_path, &output)?;
     if let Some(dir) = &args.download {
         check_utf8_folder(dir)?;
+        check_folder_can_be(dir)?;
     }
     check_writable(&output)
         .map_err(|e| SetupError::new("--output", format!("{}: {e}", output.display())))?;
-    if let Some(dir) = &args.download {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            SetupError::new(
-                "--download",
-                format!("cannot create {}: {e}", dir.display()),
-            )
-        })?;
-    }
+    // The journal's own checks (a lone `-wal`, a folder that is not there, another run's
+    // lock) refuse it before SQLite writes anything.
     let journal = Journal::open(&journal_path)
         .map_err(|e| SetupError::new("--journal", format!("{}: {e}", journal_path.display())))?;
     if !new_style.is_empty() {
@@ -579,52 +593,27 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
         }
     }
 
+    // Bound once the journal is open: a second run on it is refused as such, not for the
+    // first one's port.
     let mut listeners = Listeners::default();
     let mut follow = crate::run::default_follow_policy(config.speed_factor());
     let mut options_callback = None;
-    if let Some(addr) = args.callback_listen {
+    if let Some(callback) = callback {
+        let addr = callback.addr;
         let listener = callbacks::bind(addr)
             .await
             .map_err(|e| SetupError::new("--callback-listen", format!("{addr}: {e}")))?;
         let bound = listener
             .local_addr()
             .map_err(|e| SetupError::new("--callback-listen", e.to_string()))?;
-        let url = match &args.callback_url {
-            Some(url) => {
-                listeners.callback_path = Some(callbacks::callback_path(url)?);
-                url.clone()
-            }
-            // Kling cannot post to `0.0.0.0` or `[::]`: its callbacks would all fail, and the
-            // run fall back on its queries without a word.
-            None if bound.ip().is_unspecified() => {
-                return Err(SetupError::new(
-                    "--callback-url",
-                    format!(
-                        "--callback-listen {addr} listens on every interface, and Kling cannot \
-                         post to {}: give the public URL Kling should post callbacks to \
-                         (e.g. https://HOST{CALLBACK_PATH})",
-                        bound.ip()
-                    ),
-                )
-                .into());
+        let url = match callback.url {
+            Some((url, path)) => {
+                listeners.callback_path = Some(path);
+                url
             }
             None => format!("http://{bound}{CALLBACK_PATH}"),
         };
-        // A secret refused is named by where it came from: the option, else the variable.
-        let secret = match &args.callback_secret {
-            Some(secret) => Some(("--callback-secret", secret.clone())),
-            None => {
-                env_text("KLING_WEBHOOK_SECRET")?.map(|secret| ("KLING_WEBHOOK_SECRET", secret))
-            }
-        };
-        let verifier = match secret {
-            Some((source, secret)) => Some(
-                WebhookVerifier::new(&secret)
-                    .map_err(|e| SetupError::new(source, e.to_string()))?,
-            ),
-            None => None,
-        };
-        listeners.callback = Some((listener, verifier));
+        listeners.callback = Some((listener, callback.verifier));
         options_callback = Some(url);
         follow = FollowPolicy::new()
             .callbacks_first(std::time::Duration::from_secs(60))
@@ -636,6 +625,15 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
                 .await
                 .map_err(|e| SetupError::new("--metrics-addr", format!("{addr}: {e}")))?,
         );
+    }
+    // Made last: a run refused by its journal, or for a listener, made it for nothing.
+    if let Some(dir) = &args.download {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            SetupError::new(
+                "--download",
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
     }
     let mut options = RunOptions::new(follow);
     if let Some(url) = options_callback {
@@ -876,6 +874,86 @@ fn check_distinct(args: &RunArgs, journal: &Path, output: &Path) -> Result<(), S
     Ok(())
 }
 
+/// `--callback-listen` and what goes with it, checked before anything is made or bound.
+struct CallbackSettings {
+    /// Where to listen.
+    addr: SocketAddr,
+    /// `--callback-url` and the path the listener serves for it, if given (else the URL is
+    /// the bound address's).
+    url: Option<(String, String)>,
+    /// The verifier of `--callback-secret`, else of `KLING_WEBHOOK_SECRET`, if either is set.
+    verifier: Option<WebhookVerifier>,
+}
+
+/// The callback settings of `args`, if it listens for callbacks: a `--callback-url` Kling
+/// cannot post to, none with a listener on every interface, or a secret that is none, is
+/// refused naming the option or variable.
+fn callback_settings(args: &RunArgs) -> Result<Option<CallbackSettings>, SetupError> {
+    let Some(addr) = args.callback_listen else {
+        return Ok(None);
+    };
+    let url = match &args.callback_url {
+        Some(url) => Some((url.clone(), callbacks::callback_path(url)?)),
+        // Kling cannot post to `0.0.0.0` or `[::]`: its callbacks would all fail, and the
+        // run fall back on its queries without a word.
+        None if addr.ip().is_unspecified() => {
+            return Err(SetupError::new(
+                "--callback-url",
+                format!(
+                    "--callback-listen {addr} listens on every interface, and Kling cannot post \
+                     to {}: give the public URL Kling should post callbacks to (e.g. \
+                     https://HOST{CALLBACK_PATH})",
+                    addr.ip()
+                ),
+            ));
+        }
+        None => None,
+    };
+    // A secret refused is named by where it came from: the option, else the variable.
+    let secret = match &args.callback_secret {
+        Some(secret) => Some(("--callback-secret", secret.clone())),
+        None => env_text("KLING_WEBHOOK_SECRET")?.map(|secret| ("KLING_WEBHOOK_SECRET", secret)),
+    };
+    let verifier = match secret {
+        Some((source, secret)) => Some(
+            WebhookVerifier::new(&secret).map_err(|e| SetupError::new(source, e.to_string()))?,
+        ),
+        None => None,
+    };
+    Ok(Some(CallbackSettings {
+        addr,
+        url,
+        verifier,
+    }))
+}
+
+/// Refuses a `--download` folder that could not be made for what is already on its path: a
+/// file there, or at a folder above it. Checked before the journal is made; the folder itself
+/// is made last, once nothing else can refuse the run (a refused run left it behind).
+fn check_folder_can_be(dir: &Path) -> Result<(), SetupError> {
+    let blocked = |found: &Path| {
+        SetupError::new(
+            "--download",
+            format!(
+                "cannot create {}: {} is there and is not a folder",
+                dir.display(),
+                found.display()
+            ),
+        )
+    };
+    // The nearest part of the path that is there must be a folder (links followed).
+    for part in dir.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+        match std::fs::metadata(part) {
+            Ok(found) if found.is_dir() => return Ok(()),
+            Ok(_) => return Err(blocked(part)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Not known (no permission to look): making it will say.
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a `--download` folder whose path is not valid UTF-8: the journal and the results
 /// record each file's path as text, which would hold `�` in place of the bytes that are not,
 /// and a rerun, not finding the files recorded, would fetch every job's files again.
@@ -913,9 +991,11 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// The run's stack: its limits in this process, or (feature `redis`, `--redis`) in Redis.
 async fn build_stack(
-    args: &RunArgs,
+    // Its Redis options, with feature `redis`.
+    #[cfg_attr(not(feature = "redis"), allow(unused_variables))] args: &RunArgs,
     config: StackConfig,
     credentials: Credentials,
+    (base_url, base_source): (String, String),
 ) -> Result<Stack, SetupError> {
     #[cfg(feature = "redis")]
     if let Some((source, url)) = match &args.redis {
@@ -931,29 +1011,65 @@ async fn build_stack(
         let connection = Connection::connect(redis)
             .await
             .map_err(|e| SetupError::new(source, format!("cannot use that Redis: {e}")))?;
-        let (base_url, option) = base_url(args, &config);
         return Stack::shared(config, credentials, &base_url, connection)
-            .map_err(|e| base_url_option(e, option));
+            .map_err(|e| base_url_option(e, base_source));
     }
-    let (base_url, option) = base_url(args, &config);
-    Stack::new(config, credentials, &base_url).map_err(|e| base_url_option(e, option))
+    Stack::new(config, credentials, &base_url).map_err(|e| base_url_option(e, base_source))
 }
+
+/// Checks `base` as the stack will, a refusal named by `source`, the option or variable that
+/// set it. Checked as kling-tower checks a configured base URL (`StackConfig::base_url`),
+/// whose refusal quotes nothing of one that may carry a password or a signature: a `/`, `?`
+/// or `#` in user info ends the host there, and `BaseUrlLayer::new` (which the builder's
+/// `base_url` calls) refused `https://kb:pass/word@proxy` as "has port `pass`".
+fn check_base_url(base: &str, source: &str) -> Result<(), SetupError> {
+    StackConfig::preset(Tier::Free)
+        .base_url(base)
+        .validate()
+        .map(drop)
+        .map_err(|e| {
+            SetupError::new(
+                source,
+                format!(
+                    "invalid kling-tower configuration: `{source}` {}",
+                    e.reason()
+                ),
+            )
+        })
+}
+
+/// The variable that sets the base URL, with `--config` too ([`load_config`]).
+const BASE_URL_VAR: &str = "KLING_BASE_URL";
 
 /// The base URL a run sends to, and where it was set: `--base-url`, else the configuration's
-/// (`KLING_BASE_URL`, or the `--config` file's `base_url`, checked when it was read), else the
-/// global host.
-fn base_url(args: &RunArgs, config: &StackConfig) -> (String, &'static str) {
-    match (&args.base_url, config.configured_base_url()) {
-        (Some(url), _) => (url.clone(), "--base-url"),
-        (None, Some(url)) => (url.to_owned(), "KLING_BASE_URL"),
-        (None, None) => (kling_tower::base_url::GLOBAL.to_owned(), "--base-url"),
+/// (checked when it was read: `KLING_BASE_URL`, else the `--config` file's `base_url`), else
+/// the global host.
+fn base_url(args: &RunArgs, config: &StackConfig) -> (String, String) {
+    let variable_set = std::env::var_os(BASE_URL_VAR)
+        .is_some_and(|value| !value.to_string_lossy().trim().is_empty());
+    base_url_from(args, config, variable_set)
+}
+
+/// [`base_url`], told whether `KLING_BASE_URL` is set (not blank).
+fn base_url_from(args: &RunArgs, config: &StackConfig, variable_set: bool) -> (String, String) {
+    match (&args.base_url, config.configured_base_url(), &args.config) {
+        (Some(url), _, _) => (url.clone(), "--base-url".to_owned()),
+        (None, Some(url), Some(file)) if !variable_set => {
+            (url.to_owned(), format!("{} (base_url)", file.display()))
+        }
+        (None, Some(url), _) => (url.to_owned(), BASE_URL_VAR.to_owned()),
+        (None, None, _) => (
+            kling_tower::base_url::GLOBAL.to_owned(),
+            "--base-url".to_owned(),
+        ),
     }
 }
 
-/// A stack's error about its `base_url` field, naming the option or variable that set it.
-fn base_url_option(e: SetupError, option: &'static str) -> SetupError {
+/// A stack's error about its `base_url` field, naming the option, variable or file that set
+/// it.
+fn base_url_option(e: SetupError, source: String) -> SetupError {
     if e.field() == "base_url" {
-        e.renamed(option)
+        e.renamed(source)
     } else {
         e
     }
@@ -1308,7 +1424,8 @@ mod tests {
     /// With no `--base-url`, a run sends where the configuration says (`KLING_BASE_URL`, or
     /// the file's `base_url`), else to the global host; the option wins over both. The option
     /// used to default to the global host, so a configured base URL was checked and then
-    /// ignored without a word.
+    /// ignored without a word. Each is named by what set it: a base URL the `--config` file
+    /// set was named `KLING_BASE_URL`.
     #[test]
     fn the_base_url_comes_from_the_option_else_the_configuration_else_the_global_host() {
         use kling_tower::base_url::{CHINA, GLOBAL};
@@ -1321,16 +1438,34 @@ mod tests {
         };
         let plain = StackConfig::preset(Tier::Pro);
         let china = StackConfig::preset(Tier::Pro).base_url(CHINA);
+        let named = |url: &str, source: &str| (url.to_owned(), source.to_owned());
+        for variable_set in [false, true] {
+            assert_eq!(
+                base_url_from(&args(&[]), &plain, variable_set),
+                named(GLOBAL, "--base-url")
+            );
+        }
         assert_eq!(
-            base_url(&args(&[]), &plain),
-            (GLOBAL.to_owned(), "--base-url")
+            base_url_from(&args(&[]), &china, true),
+            named(CHINA, "KLING_BASE_URL")
+        );
+        // Read from the file: named by it, unless the variable set it over the file's.
+        let with_file = args(&["--config", "kling.toml"]);
+        assert_eq!(
+            base_url_from(&with_file, &china, false),
+            named(CHINA, "kling.toml (base_url)")
         );
         assert_eq!(
-            base_url(&args(&[]), &china),
-            (CHINA.to_owned(), "KLING_BASE_URL")
+            base_url_from(&with_file, &china, true),
+            named(CHINA, "KLING_BASE_URL")
         );
-        let proxy = args(&["--base-url", "http://127.0.0.1:9"]);
-        assert_eq!(base_url(&proxy, &china).0, "http://127.0.0.1:9");
+        let proxy = args(&["--base-url", "http://127.0.0.1:9", "--config", "kling.toml"]);
+        for variable_set in [false, true] {
+            assert_eq!(
+                base_url_from(&proxy, &china, variable_set),
+                named("http://127.0.0.1:9", "--base-url")
+            );
+        }
     }
 
     /// A speed is judged by the configuration the run uses, its retry deadline raised to 48

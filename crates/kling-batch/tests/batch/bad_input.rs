@@ -840,3 +840,100 @@ async fn a_variable_that_is_not_utf8_is_refused_naming_it() {
         );
     }
 }
+
+/// A run refused at the start leaves nothing behind: no `--download` folder (it was made
+/// before the journal was opened, so a journal refused, through a folder that is not there or
+/// beside a lone `-wal`, or a resume refused for the access key pair, left it), and no new
+/// journal when a callback setting is refused (those were checked once the journal was
+/// made). The control: the same run, nothing wrong, makes both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_run_leaves_no_download_folder_nor_new_journal_behind() {
+    use kling_batch::journal::Journal;
+
+    let dir = temp_dir("refused-leaves-nothing");
+    let jobs = dir.join("jobs.jsonl");
+    let new_style = "{\"id\":\"b\",\"prompt\":\"two\",\"endpoint\":\"/text-to-video/kling-3.0\"}\n";
+    std::fs::write(&jobs, new_style).unwrap();
+    // A lone `-wal` (the journal file beside it moved away).
+    std::fs::write(dir.join("lone.sqlite-wal"), b"").unwrap();
+    // A journal with the new-style job registered and still to create.
+    let resumed = dir.join("resumed.sqlite");
+    {
+        let journal = Journal::open(&resumed).unwrap();
+        let (parsed, errors) = kling_batch::jobs::parse_jobs(new_style);
+        assert!(errors.is_empty());
+        journal.register(&parsed).unwrap();
+    }
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let (missing, lone, fresh) = (
+        path("missing/state.sqlite"),
+        path("lone.sqlite"),
+        path("fresh.sqlite"),
+    );
+    let resumed = resumed.to_str().unwrap().to_owned();
+    let listen = ["--callback-listen", "127.0.0.1:0"];
+    // The journal, further arguments, variables, and what the refusal names.
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let pair = [
+        ("KLING_ACCESS_KEY", "ak"),
+        ("KLING_SECRET_KEY", "sk"),
+        ("KLING_API_KEY", ""),
+    ];
+    let cases: [Case<'_>; 6] = [
+        (&missing, vec![], vec![], "its folder does not exist"),
+        (&lone, vec![], vec![], "the journal file is missing"),
+        (&resumed, vec![], pair.to_vec(), "KLING_ACCESS_KEY: "),
+        (
+            &fresh,
+            [&listen[..], &["--callback-url", "example.com/hooks"]].concat(),
+            vec![],
+            "--callback-url: ",
+        ),
+        (
+            &fresh,
+            vec!["--callback-listen", "0.0.0.0:0"],
+            vec![],
+            "--callback-url: ",
+        ),
+        (
+            &fresh,
+            listen.to_vec(),
+            vec![("KLING_WEBHOOK_SECRET", "whsec_!!!")],
+            "KLING_WEBHOOK_SECRET: ",
+        ),
+    ];
+    let files = dir.join("files").join("deep");
+    for (journal, args, vars, named) in cases {
+        let mut cmd = refused_run(&jobs, &args);
+        cmd.args(["--tier", "pro", "--journal", journal, "--download"])
+            .arg(&files)
+            .envs(vars.iter().copied());
+        let output = finish(cmd).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{journal} {args:?}: {stderr}"
+        );
+        assert!(stderr.contains(named), "{journal} {args:?}: {stderr}");
+        assert!(
+            !dir.join("files").exists(),
+            "{journal} {args:?}: no --download folder made: {stderr}"
+        );
+        assert!(
+            !std::path::Path::new(&fresh).exists(),
+            "{journal} {args:?}: no journal made: {stderr}"
+        );
+    }
+    // The control: nothing wrong (sent where nothing listens), the run makes both.
+    let mut cmd = refused_run(&jobs, &["--speed", "100"]);
+    cmd.args(["--tier", "pro", "--journal", &fresh, "--download"])
+        .arg(&files);
+    let output = finish(cmd).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        files.is_dir() && std::path::Path::new(&fresh).exists(),
+        "{stderr}"
+    );
+}

@@ -11,7 +11,11 @@ use kling_mock::{MockConfig, MockServer, Preset};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_demo_completes_every_job_without_a_slot_refusal() {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kling-batch"));
-    cmd.args(["demo", "--json"]).kill_on_drop(true);
+    // A base URL set for `run` in the environment does not send the demo anywhere but its
+    // own mock (nothing listens on port 9).
+    cmd.args(["demo", "--json"])
+        .env("KLING_BASE_URL", "http://127.0.0.1:9")
+        .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(90), cmd.output())
         .await
         .expect("the demo finishes within about a minute")

@@ -2,6 +2,7 @@
 //! share the speed factor), mostly through the binary as a user runs it.
 
 mod bad_input;
+mod base_url;
 mod demo;
 mod downloads;
 mod proxies;
