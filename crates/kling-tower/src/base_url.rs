@@ -228,13 +228,54 @@ struct Base {
 impl BaseUrlLayer {
     /// A base URL such as `https://api-singapore.klingai.com`; it needs a scheme and a host
     /// (and a port, if written, from 1 to 65535: `http` reads `:84430` as no port), and
-    /// carries no query nor an IPv6 zone id (`[fe80::1%25eth0]`, which the clients refuse).
-    /// The scheme is `https`, or `http` to a loopback host only (`http://127.0.0.1:PORT`,
+    /// carries no user info, query, fragment (`#…`, which is never sent), IPv6 zone id
+    /// (`[fe80::1%25eth0]`, which the clients refuse) nor empty path segment (`//`). The
+    /// scheme is `https`, or `http` to a loopback host only (`http://127.0.0.1:PORT`,
     /// `http://[::1]:PORT`, `http://localhost:PORT`: the mock, a local proxy); plain `http` to
     /// any other host is refused, since every request's credentials would cross the network
-    /// in cleartext.
+    /// in cleartext. Spaces around the text are dropped.
+    ///
+    /// The error names what is wrong, and quotes nothing of a text with an `@`, `?` or `#`
+    /// anywhere, which may carry a password or a signature: it is refused for that before
+    /// anything else is read. A `/`, `?` or `#` in a password ends the host there, so
+    /// `https://kb:pa/ss@proxy` reads as host `kb` and port `pa` (and `https://kb:443/x@proxy`
+    /// as host `kb`, port 443 and path `/x@proxy`).
     pub fn new(base: &str) -> Result<BaseUrlLayer, ConfigError> {
         let base = base.trim();
+        // Refused before anything is parsed, so no refusal below can quote a piece of a secret:
+        // every later check sees a text with none of `@`, `?` and `#`.
+        //
+        // User info would be printed wherever the base is (`Debug`, the builder's logs), and
+        // reqwest would turn it into an `Authorization` header beside the stack's. An `@`
+        // anywhere: where a password holds a `/`, `?` or `#`, the user info is read as a host
+        // and a port, or as a host (the user name) and a path (`https://token/x@proxy` had
+        // host `token`, and would have been sent the stack's credentials).
+        if base.contains('@') {
+            return Err(ConfigError::new(
+                "base_url",
+                "must not carry user info (`user:password@`), and is not quoted: with an `@` \
+                 it may hold a password (a `/`, `?` or `#` in one ends the host there; an `@` \
+                 in a path is written `%40`); the stack signs every request with its own \
+                 credentials",
+            ));
+        }
+        match base.chars().find(|c| matches!(c, '?' | '#')) {
+            Some('?') => {
+                return Err(ConfigError::new(
+                    "base_url",
+                    "must not have a query (`?…`; not quoted: it may hold a signature)",
+                ));
+            }
+            // `http` drops a fragment as it parses, so the base was kept without it.
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "base_url",
+                    "must not have a fragment (`#…`; not quoted): a fragment is never sent, \
+                     so requests would go to the URL without it",
+                ));
+            }
+            None => {}
+        }
         let uri: Uri = base
             .parse()
             .map_err(|e| ConfigError::new("base_url", format!("is not a URL: {e}")))?;
@@ -247,18 +288,6 @@ impl BaseUrlLayer {
             .authority()
             .cloned()
             .ok_or_else(|| ConfigError::new("base_url", "needs a host"))?;
-        if uri.query().is_some() {
-            return Err(ConfigError::new("base_url", "must not have a query"));
-        }
-        // `user:password@host` would be printed wherever the base is (`Debug`, the builder's
-        // logs), and reqwest would turn it into an `Authorization` header beside the stack's.
-        if authority.as_str().contains('@') {
-            return Err(ConfigError::new(
-                "base_url",
-                "must not carry user info (user:password@): the stack signs every request \
-                 with its own credentials",
-            ));
-        }
         // `http` takes `https://:443` (no host) and `https://h:99999` (a port it reads as none,
         // so the origin kept the scheme's default): each built, and then failed every request.
         let host = authority.host();
@@ -315,7 +344,17 @@ impl BaseUrlLayer {
                  localhost), or every request's credentials cross the network in cleartext",
             ));
         }
-        let prefix = kling_core::intern::intern(uri.path().trim_end_matches('/'));
+        // Trailing slashes are dropped; an empty segment inside (`https://proxy//kling`, a
+        // proxy's path joined to a host ending in `/`) would be sent as written, a path that
+        // servers merge or redirect (an error to a POST) and a proxy's routes miss.
+        let path = uri.path().trim_end_matches('/');
+        if path.contains("//") {
+            return Err(ConfigError::new(
+                "base_url",
+                "has an empty path segment (`//`): write the path with single slashes",
+            ));
+        }
+        let prefix = kling_core::intern::intern(path);
         let text = static_authority_text(&authority);
         let origin = Origin {
             https,

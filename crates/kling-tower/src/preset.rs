@@ -188,23 +188,11 @@ impl BaseUrlText {
         self.0.contains(['@', '?', '#'])
     }
 
-    /// The layer [`BaseUrlLayer::new`] makes of it. Where the text may hold a secret, a
-    /// refusal that would quote part of it is made without the quote: a `/`, `?` or `#` in a
-    /// password (a base64 one) ends the host there, so `https://kling:pa/ss@proxy` was refused
-    /// as "has port `pa`", a piece of the password.
+    /// The layer [`BaseUrlLayer::new`] makes of it, whose refusal quotes nothing of a text
+    /// that [may hold a secret](Self::may_hold_secret) (also where a `/`, `?` or `#` in a
+    /// password ends the host early, `https://kling:pa/ss@proxy`).
     fn layer(&self) -> Result<BaseUrlLayer, ConfigError> {
-        BaseUrlLayer::new(&self.0).map_err(|e| {
-            if self.may_hold_secret() && e.reason().contains('`') {
-                ConfigError::new(
-                    e.field().to_owned(),
-                    "has no valid host and port, and is not quoted: with an `@`, `?` or `#` it \
-                     may carry a password or a signature (a base URL takes no user info nor \
-                     query, and a `/`, `?` or `#` in user info ends the host there)",
-                )
-            } else {
-                e
-            }
-        })
+        BaseUrlLayer::new(&self.0)
     }
 }
 

@@ -271,3 +271,166 @@ async fn the_https_client_also_speaks_plain_http_to_the_mock() {
         .unwrap();
     assert!(Outcome::of(&response).unwrap().is_success());
 }
+
+/// A base URL that may carry a secret (an `@`, `?` or `#` anywhere) is refused without quoting
+/// any of it: neither by `BaseUrlLayer::new` nor by the builder's `base_url` (its error, and
+/// its `Debug`, which shows that result). A `/`, `?` or `#` in a password (a base64 one) ends
+/// the host there, so the parser read the rest as a port (`https://kb:s3cret/x@proxy` was
+/// refused as "has port `s3cret`"), a host (`[s3cret]`, a zone id) or, with a password of
+/// digits, took the user name for the host and the rest for a path, and kept it.
+#[test]
+fn a_base_url_that_may_carry_a_secret_is_refused_without_quoting_any_of_it() {
+    for base in [
+        "https://kb:s3cret/x@proxy.internal",
+        "https://kb:s3cret/x+y==@proxy.internal/kling",
+        "https://kb:s3cret#@proxy.internal",
+        "https://kb:s3cret?@proxy.internal",
+        "https://kb:443s3cret/@proxy.internal",
+        "http://kb:s3cret/@127.0.0.1:9",
+        "https://[::1]:s3cret/x@proxy.internal",
+        "https://[s3cret]/x@proxy.internal",
+        "https://[fe80::1%25s3cret]/x@proxy.internal",
+        "https://[fe80::1%25s3cret]#x",
+        "https://kb:s3cret#x",
+        "https://proxy.internal:99999#s3cret",
+        "https://proxy.internal:s3cret?x",
+        // Accepted before: a user name (a token) as the host, the password in the path.
+        "https://s3cret/x@proxy.internal",
+        "https://kb:8443/s3cret@proxy.internal/kling",
+        "https://proxy.internal/kling/s3cret@x",
+        // Refused before, but through other paths of the check.
+        "https://kb:s3cret@proxy.internal",
+        "https://proxy.internal/kling?sig=s3cret",
+    ] {
+        let refused = BaseUrlLayer::new(base).unwrap_err();
+        assert_eq!(refused.field(), "base_url", "{base}");
+        assert!(
+            !format!("{refused} {refused:?}").contains("s3cret"),
+            "{base}: {refused:?}"
+        );
+        let builder = KlingLayer::builder(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("k").unwrap(),
+        )
+        .base_url(base);
+        assert!(!format!("{builder:?}").contains("s3cret"), "{builder:?}");
+        let refused = builder.build().unwrap_err();
+        assert_eq!(refused.field(), "base_url", "{base}");
+        assert!(
+            !format!("{refused} {refused:?}").contains("s3cret"),
+            "{base}: {refused:?}"
+        );
+    }
+    // The control: a base URL with no `@`, `?` nor `#` is still quoted where it is wrong.
+    for (base, quoted) in [
+        ("https://proxy.internal:99999", "`99999`"),
+        ("https://[s3cret]/kling", "`[s3cret]`"),
+        ("https://[fe80::1%25eth0]/kling", "`%25eth0`"),
+    ] {
+        let refused = BaseUrlLayer::new(base).unwrap_err();
+        assert!(refused.reason().contains(quoted), "{base}: {refused}");
+    }
+}
+
+/// A fragment is never sent, so a base URL with one (`https://proxy/kling#v2`) is a mistake:
+/// refused saying so, without quoting it. `http` drops it when it parses the text, and the
+/// base was kept without it, without a word.
+#[test]
+fn a_base_url_with_a_fragment_is_refused_without_quoting_it() {
+    for base in [
+        "https://proxy.internal/kling#s3cret",
+        "https://proxy.internal#s3cret",
+        "https://proxy.internal/#",
+        "http://127.0.0.1:9/kling#s3cret?x",
+        "https://api-singapore.klingai.com#s3cret",
+    ] {
+        let refused = BaseUrlLayer::new(base).unwrap_err();
+        assert_eq!(refused.field(), "base_url", "{base}");
+        assert!(refused.reason().contains("fragment"), "{base}: {refused}");
+        assert!(
+            !format!("{refused} {refused:?}").contains("s3cret"),
+            "{base}: {refused:?}"
+        );
+        let refused = stack_refuses(base);
+        assert!(refused.reason().contains("fragment"), "{base}: {refused}");
+    }
+    // A `?` before the `#` is a query, refused as one.
+    let refused = BaseUrlLayer::new("https://proxy.internal/kling?a#b").unwrap_err();
+    assert!(refused.reason().contains("query"), "{refused}");
+}
+
+/// Odd texts a user may pass: each is taken as it means, or refused saying what is wrong.
+#[tokio::test(start_paused = true)]
+async fn odd_base_urls_are_taken_as_meant_or_refused_clearly() {
+    // Spaces around it (a `.env` file, a copied value) are dropped.
+    assert_eq!(
+        resolved("  https://proxy.internal/kling \n", "/v1/x").await,
+        "https://proxy.internal/kling/v1/x"
+    );
+    // A scheme in capitals is the scheme; a host in capitals is the host.
+    assert_eq!(
+        resolved("HTTPS://Proxy.Internal:8443/kling", "/v1/x").await,
+        "https://Proxy.Internal:8443/kling/v1/x"
+    );
+    assert_eq!(
+        resolved("HTTP://LOCALHOST:9", "/v1/x").await,
+        "http://LOCALHOST:9/v1/x"
+    );
+    assert!(BaseUrlLayer::new("HTTP://proxy.internal").is_err());
+    // The IPv6 loopback, with a port.
+    assert_eq!(
+        resolved("http://[::1]:8080", "/v1/x").await,
+        "http://[::1]:8080/v1/x"
+    );
+    // The default port written or not is one origin: an absolute URI with it or without it
+    // passes, one to another port is refused.
+    for (base, absolute) in [
+        ("https://proxy.internal:443", "https://proxy.internal/v1/x"),
+        ("https://proxy.internal", "https://proxy.internal:443/v1/x"),
+        ("http://127.0.0.1:80", "http://127.0.0.1/v1/x"),
+    ] {
+        assert_eq!(resolved(base, absolute).await, absolute, "{base}");
+    }
+    let refused = sent(
+        "https://proxy.internal:443",
+        "https://proxy.internal:8443/v1/x",
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.is::<OtherOrigin>(), "{refused}");
+    // Trailing slashes are dropped from the path; an empty segment inside it (`//`, where a
+    // proxy's path was joined to a host ending in `/`) is refused: servers merge or redirect
+    // such paths (a redirect is an error to a POST), and a proxy's routes miss them.
+    assert_eq!(
+        resolved("https://proxy.internal/kling//", "/v1/x").await,
+        "https://proxy.internal/kling/v1/x"
+    );
+    assert_eq!(
+        resolved("https://proxy.internal//", "/v1/x").await,
+        "https://proxy.internal/v1/x"
+    );
+    assert_eq!(
+        resolved("http://127.0.0.1:9//", "/v1/x").await,
+        "http://127.0.0.1:9/v1/x"
+    );
+    for base in [
+        "https://proxy.internal//kling",
+        "https://proxy.internal/a//b/",
+    ] {
+        let refused = BaseUrlLayer::new(base).unwrap_err();
+        assert!(
+            refused.reason().contains("empty path segment"),
+            "{base}: {refused}"
+        );
+    }
+    // A space inside, an empty text: refused as no URL.
+    for base in [
+        "https://proxy .internal",
+        "https://proxy.internal/a b",
+        "",
+        "  ",
+    ] {
+        let refused = BaseUrlLayer::new(base).unwrap_err();
+        assert_eq!(refused.field(), "base_url", "{base:?}");
+    }
+}
