@@ -1198,13 +1198,14 @@ where
 }
 
 /// What a response tells the backend, if anything. A success is reported when
-/// `report_success` says so (asked only for a successful response), whatever `Retry-After` it
-/// carries: the request was not refused, and the header on a 2xx says nothing about other
-/// requests (RFC 9110 §10.2.3 gives it a meaning for 503 and 3xx, RFC 6585 for 429; an API
-/// that answers a create `202` with one says when to poll that task). A 1302, or any other
-/// refusal with a `Retry-After`, pauses the key. A page without a Kling envelope that no
-/// classify step below turned into an error (this layer alone over a client) says what that
-/// error would ([`feedback_of_error`]).
+/// `report_success` says so (asked only for a successful response). A success on a 2xx is one
+/// whatever `Retry-After` it carries: the request was not refused, and the header on a 2xx
+/// says nothing about other requests (RFC 9110 §10.2.3 gives it a meaning for 503 and 3xx,
+/// RFC 6585 for 429; an API that answers a create `202` with one says when to poll that
+/// task). A 1302, or any other answer with a `Retry-After` — code 0 on a 429 or a 503
+/// included: the status refused it, whatever the body says — pauses the key. A page without a
+/// Kling envelope that no classify step below turned into an error (this layer alone over a
+/// client) says what that error would ([`feedback_of_error`]).
 fn feedback_of(
     response: &mut Response<Full<Bytes>>,
     sent_at: Instant,
@@ -1219,17 +1220,23 @@ fn feedback_of(
             Outcome::of(response)?
         }
     };
-    if outcome.is_success() {
+    let success = outcome.is_success();
+    if success && outcome.status().is_success() {
         return report_success().then_some(Feedback::Success { sent_at });
     }
     let throttled = outcome.code() == Code::RateLimited;
     // `Retry-After` is asked about first: the instant it names is worked out only when there.
-    (throttled || outcome.retry_after().is_some()).then(|| Feedback::Pause {
-        sent_at,
-        received_at: outcome.received_at(),
-        resume_at: outcome.resume_at(),
-        throttled,
-    })
+    if throttled || outcome.retry_after().is_some() {
+        Some(Feedback::Pause {
+            sent_at,
+            received_at: outcome.received_at(),
+            resume_at: outcome.resume_at(),
+            throttled,
+        })
+    } else {
+        // Code 0 on another status, with no `Retry-After`: a success as the stack reads it.
+        (success && report_success()).then_some(Feedback::Success { sent_at })
+    }
 }
 
 /// What an inner error tells the backend, if anything: a response without a Kling envelope

@@ -97,8 +97,9 @@
 //! - **Cooldown**: a 1302 or a `Retry-After` pauses the whole key — queued and new requests
 //!   alike — which then resumes in order, an interval apart (the burst is spent when a pause
 //!   ends, so no burst goes at once); 1302s in a row escalate the pause up to a ceiling
-//!   ([`Cooldown`]). A success's `Retry-After` (code 0, e.g. a `202` naming when to poll its
-//!   task) refused nothing: it pauses nothing, and the success counts as any other. A
+//!   ([`Cooldown`]). A success's `Retry-After` (code 0 on a 2xx, e.g. a `202` naming when to
+//!   poll its task) refused nothing: it pauses nothing, and the success counts as any other
+//!   (code 0 on a 429 or a 503 is refused by its status, and its `Retry-After` pauses). A
 //!   proxy's or gateway's page (no Kling envelope, so the classify step's
 //!   [`MalformedResponse`](kling_core::error::MalformedResponse) error, or the page itself
 //!   when no classify step is below) pauses it too: for its `Retry-After`, and as a 1302

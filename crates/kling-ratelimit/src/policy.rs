@@ -21,9 +21,9 @@ pub(crate) fn later(at: tokio::time::Instant, duration: Duration) -> tokio::time
 /// How long a key pauses after a 1302 or a `Retry-After`, and how the pause escalates.
 ///
 /// When a response says 1302 (requests too fast), or refuses the request with a `Retry-After`
-/// (any answer but a success: a success's `Retry-After` pauses nothing, and the success resets
-/// the streak as any does), the whole key pauses — every queued and every new request of it —
-/// until:
+/// (any answer but a success on a 2xx: such a success's `Retry-After` pauses nothing, and the
+/// success resets the streak as any does; code 0 on a 429 or a 503 pauses), the whole key
+/// pauses — every queued and every new request of it — until:
 ///
 /// - the `Retry-After` instant, when the response has one, and at least
 /// - for the *n*-th 1302 in a row (each within [`window`](Cooldown::window) of the end of the

@@ -128,13 +128,14 @@ pub enum Decision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Feedback {
-    /// The request succeeded (code 0), whatever `Retry-After` its answer carried.
+    /// The request succeeded (code 0): on a 2xx whatever `Retry-After` its answer carried, on
+    /// another status only without one.
     Success {
         /// When the request was admitted.
         sent_at: Instant,
     },
     /// The server asked the key to slow down: a 1302, and/or a `Retry-After` on an answer
-    /// that refused the request (any but a success).
+    /// that refused the request (any but a success on a 2xx).
     Pause {
         /// When the request was admitted.
         sent_at: Instant,

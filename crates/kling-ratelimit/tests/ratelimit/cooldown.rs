@@ -1088,6 +1088,19 @@ async fn a_retry_after_on_a_success_pauses_nothing() {
     }
 }
 
+/// Code 0 on a 429 or a 503 is no 2xx: the status refused the request, and its `Retry-After`
+/// (RFC 6585, RFC 9110 §10.2.3) pauses the key as any refusal's does, whatever the body's
+/// code says (a gateway's page in the envelope's shape, a status set over a Kling body). The
+/// success rule above is for a 2xx only; reading `code 0` alone as not refused let such an
+/// answer's `Retry-After: 2` pause nothing.
+#[tokio::test(start_paused = true)]
+async fn code_0_on_a_refusing_status_pauses_for_its_retry_after() {
+    for status in [429, 503] {
+        let reply = Reply::status(status, 0).header("retry-after", "2");
+        assert_eq!(pause_after(reply).await, expected(2000), "{status}");
+    }
+}
+
 /// A success with a `Retry-After` is a success all the same: it resets the 1302 streak, so the
 /// next 1302 pauses 1 s again, not 2 s. (Before, it was reported as a pause, not a success,
 /// and the streak ran on.)
