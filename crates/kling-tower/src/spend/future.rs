@@ -36,11 +36,13 @@ impl Settle {
     /// Settles a create given up before its answer: its estimate goes back if the layers
     /// below held it back unsent, and is kept otherwise (it may have reached the server).
     pub(crate) fn dropped(self) {
+        let sent_id = self.external_id.as_deref();
         if self.watch.never_sent() {
-            self.ledger.release(&self.account, self.estimate);
+            self.ledger.release(&self.account, self.estimate, sent_id);
         } else {
+            let kept = self.external_id.clone();
             self.ledger
-                .kept(&self.account, self.estimate, self.external_id);
+                .kept(&self.account, self.estimate, sent_id, kept);
         }
     }
 }
@@ -143,31 +145,36 @@ where
                     external_id,
                     ..
                 } = settle;
+                // The caller's external id, as reserved.
+                let sent_id = external_id.as_deref();
                 match result {
                     Ok(mut response) => {
                         match Outcome::ensure(&mut response) {
                             Ok(outcome) if outcome.is_success() => match outcome.task() {
-                                Some(task) => ledger.created(&account, estimate, task),
+                                Some(task) => ledger.created(&account, estimate, sent_id, task),
                                 // A success without a task id keeps its estimate.
-                                None => ledger.kept(&account, estimate, external_id),
+                                None => {
+                                    ledger.kept(&account, estimate, sent_id, external_id.clone())
+                                }
                             },
                             Ok(outcome) if !outcome.may_have_created() => {
-                                ledger.release(&account, estimate);
+                                ledger.release(&account, estimate, sent_id);
                             }
                             // 5000/5002, an unknown code or an unreadable body: the task may
                             // exist and be billed.
-                            _ => ledger.kept(&account, estimate, external_id),
+                            _ => ledger.kept(&account, estimate, sent_id, external_id.clone()),
                         }
                         Poll::Ready(Ok(response))
                     }
                     Err(error) => {
                         if made_no_task(&*error) {
-                            ledger.release(&account, estimate);
+                            ledger.release(&account, estimate, sent_id);
                         } else {
                             // The id a retry layer below looks the create up by: the caller's,
                             // or one it generated, which the request never showed here.
                             let named = retry_external_id(&*error).map(str::to_owned);
-                            ledger.kept(&account, estimate, named.or(external_id));
+                            let kept = named.or_else(|| external_id.clone());
+                            ledger.kept(&account, estimate, sent_id, kept);
                         }
                         Poll::Ready(Err(error))
                     }

@@ -27,12 +27,16 @@
 //! ([`Failed::external_id`](kling_retry::error::Failed::external_id)). The first task not
 //! charged yet that a query or a callback reports with that id echoed (the lookup by external
 //! id KLING_API.md asks for before creating again) is charged that create's estimate and
-//! awaits its real cost as any other, which then replaces it. A create's answer does not
-//! match it: a resend answered with a task not charged yet is charged its own estimate, as
-//! whether Kling answers a duplicate external id with the task it made, refuses it or makes
-//! a second one is unconfirmed (in the last case both are billed), so an unknown create
-//! resent without a lookup stays charged twice until its period ends. One not matched by its
-//! period's end is forgotten with that period (its estimate stays charged there).
+//! awaits its real cost as any other, which then replaces it (of several such creates with
+//! that id, the smallest estimate: the task may be any one's, and the others keep theirs). A
+//! create's answer does not match it: a resend answered with a task not charged yet is
+//! charged its own estimate, as whether Kling answers a duplicate external id with the task
+//! it made, refuses it or makes a second one is unconfirmed (in the last case both are
+//! billed), so an unknown create resent without a lookup stays charged twice until its
+//! period ends. Nor does a report that comes while a create with that external id is out
+//! (a resend not answered yet): the task may be the resend's, which its answer charges; the
+//! unknown create keeps its estimate for a later report. One not matched by its period's end
+//! is forgotten with that period (its estimate stays charged there).
 //!
 //! The ledger knows the tasks still awaiting their cost, the last [`CHARGED_TASKS_KEPT`] of an
 //! account's others (cost reported, or charged to a period that has ended) and the last
@@ -242,7 +246,6 @@ fn to_credits(nanos: Nanos) -> f64 {
     nanos as f64 / 1e9
 }
 
-#[derive(Debug)]
 struct Account {
     period_start: Instant,
     committed: Nanos,
@@ -257,6 +260,32 @@ struct Account {
     /// Creates of this period kept with an unknown outcome, by external id: the task one made,
     /// when it turns up, is charged its estimate.
     unknown: UnknownCreates,
+    /// The external ids of the creates reserved and not settled yet (a resend of an unknown
+    /// create, out), with how many carry each: a task reported with one of them may be that
+    /// create's, which its answer will charge, so it takes no unknown create's estimate.
+    /// Bounded by the creates out; carried across periods, as they are.
+    sending: HashMap<String, usize>,
+}
+
+impl Account {
+    /// A create with the caller's external id `id` is out.
+    fn sending(&mut self, id: Option<&str>) {
+        if let Some(id) = id {
+            *self.sending.entry(id.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// A create with the caller's external id `id` is settled.
+    fn settled(&mut self, id: Option<&str>) {
+        if let Some(id) = id
+            && let Some(count) = self.sending.get_mut(id)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.sending.remove(id);
+            }
+        }
+    }
 }
 
 /// The ids of the latest [`CHARGED_TASKS_KEPT`] tasks an account was charged for and no longer
@@ -313,12 +342,20 @@ impl UnknownCreates {
         false
     }
 
-    /// The estimate of the oldest create remembered with external id `id`, forgotten now.
+    /// The smallest estimate of the creates remembered with external id `id` (the oldest of
+    /// those), forgotten now. The task reported may be any one's: the larger estimates stay
+    /// charged for the tasks the others may have made, so the account is never under-counted.
     fn take(&mut self, id: &str) -> Option<Nanos> {
         if !self.counts.contains_key(id) {
             return None;
         }
-        let at = self.order.iter().position(|(kept, _)| kept == id)?;
+        let at = self
+            .order
+            .iter()
+            .enumerate()
+            .filter(|(_, (kept, _))| kept == id)
+            .min_by_key(|(_, (_, estimate))| *estimate)
+            .map(|(at, _)| at)?;
         let (id, estimate) = self.order.remove(at)?;
         self.uncount(&id);
         Some(estimate)
@@ -347,7 +384,6 @@ impl UnknownCreates {
     }
 }
 
-#[derive(Debug)]
 pub(crate) struct Ledger {
     budget: f64,
     /// `budget`, as the ledger counts.
@@ -359,6 +395,39 @@ pub(crate) struct Ledger {
     /// whose task may still turn up by their external id: responses are only inspected when
     /// some are.
     awaited: AtomicUsize,
+}
+
+/// Counts, not ids: an account's ledger holds thousands of task and external ids.
+impl fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("Ledger");
+        debug
+            .field("budget", &self.budget)
+            .field("period", &self.period)
+            .field("costs", &self.costs)
+            .field("awaited", &self.awaited.load(Ordering::Relaxed));
+        let accounts = match self.accounts.try_lock() {
+            Ok(accounts) => Some(accounts),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        match accounts {
+            Some(accounts) => {
+                let sum =
+                    |count: fn(&Account) -> usize| accounts.values().map(count).sum::<usize>();
+                debug
+                    .field("accounts", &accounts.len())
+                    .field("awaited_tasks", &sum(|a| a.tasks.len()))
+                    .field("charged_tasks", &sum(|a| a.charged.order.len()))
+                    .field("unknown_creates", &sum(|a| a.unknown.len()))
+                    .field("sending", &sum(|a| a.sending.values().sum()));
+            }
+            None => {
+                debug.field("accounts", &format_args!("<locked>"));
+            }
+        }
+        debug.finish()
+    }
 }
 
 impl Ledger {
@@ -380,6 +449,7 @@ impl Ledger {
             tasks: HashMap::new(),
             charged: ChargedTasks::default(),
             unknown: UnknownCreates::default(),
+            sending: HashMap::new(),
         });
         if now >= account.period_start + self.period {
             let periods = (now - account.period_start).as_nanos() / self.period.as_nanos().max(1);
@@ -408,9 +478,14 @@ impl Ledger {
         account
     }
 
-    /// Reserves `estimate` credits, returning what was reserved (to settle it with), or
-    /// refuses the create.
-    fn reserve(&self, key: &Option<AccountId>, estimate: f64) -> Result<Nanos, BudgetExceeded> {
+    /// Reserves `estimate` credits for a create sent with the caller's `external_id`,
+    /// returning what was reserved (to settle it with), or refuses the create.
+    fn reserve(
+        &self,
+        key: &Option<AccountId>,
+        estimate: f64,
+        external_id: Option<&str>,
+    ) -> Result<Nanos, BudgetExceeded> {
         let now = Instant::now();
         let reserved = to_nanos(estimate);
         let mut accounts = self.lock();
@@ -426,17 +501,26 @@ impl Ledger {
         }
         account.committed = account.committed.saturating_add(reserved);
         account.open = account.open.saturating_add(reserved);
+        account.sending(external_id);
         Ok(reserved)
     }
 
     /// Settles a reservation as spent with no task to read its cost from (a success that
     /// named none, a create whose fate is unknown): it stays charged to the current period and
     /// is carried no further. With the create's `external_id`, it is remembered: the task that
-    /// turns up with that id is charged this estimate ([`UnknownCreates`]).
-    fn kept(&self, key: &Option<AccountId>, estimate: Nanos, external_id: Option<String>) {
+    /// turns up with that id is charged this estimate ([`UnknownCreates`]). `sent_id` is the
+    /// caller's external id, as reserved.
+    fn kept(
+        &self,
+        key: &Option<AccountId>,
+        estimate: Nanos,
+        sent_id: Option<&str>,
+        external_id: Option<String>,
+    ) {
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, Instant::now());
         account.open = account.open.saturating_sub(estimate);
+        account.settled(sent_id);
         if let Some(id) = external_id
             && !account.unknown.insert(id, estimate)
         {
@@ -445,12 +529,13 @@ impl Ledger {
         }
     }
 
-    /// Gives a reservation back (the create did not happen), in whichever period it was
-    /// carried into.
-    fn release(&self, key: &Option<AccountId>, estimate: Nanos) {
+    /// Gives a reservation back (the create, sent with the caller's `sent_id`, did not
+    /// happen), in whichever period it was carried into.
+    fn release(&self, key: &Option<AccountId>, estimate: Nanos, sent_id: Option<&str>) {
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, Instant::now());
         account.open = account.open.saturating_sub(estimate);
+        account.settled(sent_id);
         account.committed = account.committed.saturating_sub(estimate);
     }
 
@@ -462,11 +547,20 @@ impl Ledger {
     /// earlier create kept with an unknown outcome: whether Kling answers a duplicate external
     /// id with the task it made, refuses it (`1201`, as kling-mock does) or makes a second task
     /// is unconfirmed, and in the last case both creates are billed. Only a lookup or callback
-    /// ([`observe`](Self::observe)) hands an unknown create's estimate to its task.
-    fn created(&self, key: &Option<AccountId>, estimate: Nanos, report: &TaskReport) {
+    /// ([`observe`](Self::observe)) hands an unknown create's estimate to its task, and not
+    /// while a create with that external id is out (`sent_id`, the caller's, as reserved):
+    /// the task may be that create's, which this answer then charges.
+    fn created(
+        &self,
+        key: &Option<AccountId>,
+        estimate: Nanos,
+        sent_id: Option<&str>,
+        report: &TaskReport,
+    ) {
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, Instant::now());
         account.open = account.open.saturating_sub(estimate);
+        account.settled(sent_id);
         if account.tasks.contains_key(&report.id) || account.charged.contains(&report.id) {
             account.committed = account.committed.saturating_sub(estimate);
         } else {
@@ -495,7 +589,10 @@ impl Ledger {
 
     /// Charges a reported task not charged yet the estimate of a create kept with an unknown
     /// outcome and the external id the report echoes (a lookup by that id, a callback): that
-    /// create's task. Awaited as the create was: the count stays.
+    /// create's task. Awaited as the create was: the count stays. Not while a create with that
+    /// external id is out (a resend): the task may be its, and its answer charges it its own
+    /// estimate; the unknown create's stays charged for the task it may have made, found by a
+    /// later report (none: over-counted, as an unknown outcome is).
     fn match_unknown(account: &mut Account, report: &TaskReport) {
         if account.unknown.is_empty() {
             return;
@@ -503,7 +600,10 @@ impl Ledger {
         let Some(external_id) = report.external_id.as_deref() else {
             return;
         };
-        if account.tasks.contains_key(&report.id) || account.charged.contains(&report.id) {
+        if account.tasks.contains_key(&report.id)
+            || account.charged.contains(&report.id)
+            || account.sending.contains_key(external_id)
+        {
             return;
         }
         if let Some(kept) = account.unknown.take(external_id) {
@@ -727,7 +827,10 @@ where
             return future::ResponseFuture::observe(self.inner.call(request), observe);
         };
         let account = AccountId::of(&request).cloned();
-        match self.ledger.reserve(&account, estimate) {
+        match self
+            .ledger
+            .reserve(&account, estimate, external_id.as_deref())
+        {
             Ok(estimate) => {
                 // Tells, should the caller drop the create, whether a layer below held it back
                 // unsent (a slot's wait), so the estimate goes back. Shared with the metrics

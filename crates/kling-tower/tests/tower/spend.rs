@@ -1659,3 +1659,127 @@ async fn a_create_timed_out_unanswered_then_looked_up_by_its_external_id_is_char
     assert_eq!(guard.committed(None), 1.0, "one task, charged once");
     assert_eq!(creates.load(Ordering::Relaxed), 2);
 }
+
+/// A create answered `5000` (`lost-1`, its task `t1` billed), then resent with the same
+/// external id: Kling makes a second billed task (`t2`), and a callback reports it before the
+/// resend's answer arrives. The report is not the unknown create's task for sure — a create
+/// with its external id is still out — so it takes nothing from it: the resend's answer then
+/// charges `t2` the resend's estimate, and the unknown create keeps its own for `t1`, which a
+/// lookup finds later. Matched then, `t2` took the unknown create's estimate, the resend's
+/// answer found `t2` charged and gave its own back, and `t1` was never counted: two billed
+/// tasks, one estimate.
+#[tokio::test(start_paused = true)]
+async fn a_report_of_a_resends_task_before_its_answer_takes_no_unknown_creates_estimate() {
+    let creates = Arc::new(AtomicUsize::new(0));
+    let answer = Arc::new(tokio::sync::Notify::new());
+    let client = {
+        let (creates, answer) = (creates.clone(), answer.clone());
+        Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+            let n = (req.method() == http::Method::POST)
+                .then(|| creates.fetch_add(1, Ordering::Relaxed));
+            let answer = answer.clone();
+            async move {
+                let (status, body) = match n {
+                    Some(0) => (
+                        500,
+                        r#"{"code":5000,"message":"internal","request_id":"r"}"#.to_owned(),
+                    ),
+                    // The resend: answered once the test says so.
+                    Some(_) => {
+                        answer.notified().await;
+                        (200, task("t2", "lost-1", "submitted", ""))
+                    }
+                    // A lookup by the external id finds the first create's task.
+                    None => {
+                        let billed = r#","final_unit_deduction":"1""#;
+                        (200, task("t1", "lost-1", "succeed", billed))
+                    }
+                };
+                Ok::<_, BoxError>(envelope(status, &body))
+            }
+        }))
+    };
+    let guard = SpendGuardLayer::new(10.0, CostTable::new().video(3.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(client));
+    send(&mut svc, create_as("lost-1")).await.unwrap();
+    assert_eq!(guard.committed(None), 3.0);
+
+    let mut other = svc.clone();
+    let (resent, ()) = tokio::join!(send(&mut other, create_as("lost-1")), async {
+        while creates.load(Ordering::Relaxed) < 2 {
+            tokio::task::yield_now().await;
+        }
+        // The resend is out, unanswered.
+        let callback = r#"{"task_id":"t2","task_status":"submitted","task_info":{"external_task_id":"lost-1"}}"#;
+        let report = &kling_core::Envelope::read_callback(callback.as_bytes()).unwrap()[0];
+        guard.report(None, report);
+        answer.notify_one();
+    });
+    let resent = resent.unwrap();
+    assert_eq!(resent.task().unwrap().id, "t2");
+    assert_eq!(
+        guard.committed(None),
+        6.0,
+        "t2 is the resend's, charged its estimate; the unknown create keeps its own"
+    );
+
+    send(&mut svc, query_of("lost-1")).await.unwrap();
+    assert_eq!(
+        guard.committed(None),
+        4.0,
+        "t1's cost replaces the unknown create's estimate; t2 still awaits its cost"
+    );
+}
+
+/// Two creates with one external id answered `5000` at different prices (a video at 5, an
+/// image at 1): the task a report then names could be either's, so it takes the smaller
+/// estimate, and the larger stays charged for the other's task. Taking the older (the
+/// video's) when the image's task turned up at its cost of 1 left 2 charged while the video's
+/// task, billed 5, could still come: an account could spend past its budget.
+#[tokio::test(start_paused = true)]
+async fn a_task_of_one_of_two_unknown_creates_with_one_external_id_takes_the_smaller_estimate() {
+    let client = Client::new(service_fn(|_req: http::Request<Full<Bytes>>| async {
+        let lost = r#"{"code":5000,"message":"internal","request_id":"r"}"#;
+        Ok::<_, BoxError>(envelope(500, lost))
+    }));
+    let costs = CostTable::new().video(5.0).image_per_image(1.0);
+    let guard = SpendGuardLayer::new(100.0, costs).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(client));
+    send(&mut svc, create_as("dup")).await.unwrap();
+    let image = r#"{"prompt":"x","n":1,"external_task_id":"dup"}"#;
+    send(&mut svc, authed("POST", "/v1/images/generations", image))
+        .await
+        .unwrap();
+    assert_eq!(guard.committed(None), 6.0);
+
+    let image_task = r#"{"task_id":"i1","task_status":"succeed","final_unit_deduction":"1","task_info":{"external_task_id":"dup"}}"#;
+    let report = &kling_core::Envelope::read_callback(image_task.as_bytes()).unwrap()[0];
+    guard.report(None, report);
+    assert_eq!(
+        guard.committed(None),
+        6.0,
+        "the image's task at its cost, the video's estimate kept"
+    );
+    let video_task = r#"{"task_id":"v1","task_status":"succeed","final_unit_deduction":"5","task_info":{"external_task_id":"dup"}}"#;
+    let report = &kling_core::Envelope::read_callback(video_task.as_bytes()).unwrap()[0];
+    guard.report(None, report);
+    assert_eq!(guard.committed(None), 6.0, "both tasks at their costs");
+}
+
+/// The guard's `Debug` names what its ledger holds by count, not id by id: with an account's
+/// unknown creates, awaited tasks and charged tasks all at their bounds it printed every
+/// external and task id (some twice), tens of kilobytes in a log line.
+#[tokio::test(start_paused = true)]
+async fn the_guards_debug_stays_short_with_full_ledgers() {
+    let guard = SpendGuardLayer::new(1e6, CostTable::new().video(2.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(lost_first_creates(true)));
+    for n in 0..=UNKNOWN_CREATES_KEPT {
+        send(&mut svc, create_as(&format!("lost-{n}")))
+            .await
+            .unwrap();
+    }
+    let debug = format!("{guard:?}");
+    assert!(debug.len() < 1000, "{} bytes: {debug:.300}", debug.len());
+    assert!(debug.contains("unknown_creates: 1024"), "{debug}");
+    assert!(!debug.contains("lost-"), "{debug}");
+}
