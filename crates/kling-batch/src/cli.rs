@@ -13,9 +13,9 @@ use crate::app::{self, Listeners};
 use crate::callbacks::{self, CALLBACK_PATH};
 use crate::demo::{self, DemoOptions};
 use crate::download::DownloadTimeouts;
-use crate::error::{RunError, SetupError, redacted_url};
+use crate::error::{OtherBaseUrl, RunError, SetupError, redacted_url};
 use crate::jobs::parse_jobs_bytes;
-use crate::journal::Journal;
+use crate::journal::{ApiOrigin, BaseUrlBinding, Journal};
 use crate::output::{check_writable, write_results};
 use crate::run::{RunOptions, StopSignal};
 use crate::stack::Stack;
@@ -67,8 +67,9 @@ pub struct RunArgs {
     /// The jobs: one JSON object per line (`prompt` and other create fields, optional `id`
     /// and `endpoint`).
     pub jobs: PathBuf,
-    /// The journal (SQLite); running again on the same journal resumes. Default:
-    /// `JOBS.journal.sqlite`.
+    /// The journal (SQLite); running again on the same journal resumes, sent to the base URL
+    /// its jobs were sent to (a run sent elsewhere is refused: see `--base-url-moved-from`).
+    /// Default: `JOBS.journal.sqlite`.
     #[arg(long)]
     pub journal: Option<PathBuf>,
     /// Where results go, one JSON line per job. Default: `JOBS.results.jsonl`.
@@ -78,6 +79,12 @@ pub struct RunArgs {
     /// `--config` too), else the `--config` file's `base_url`, else the global host.
     #[arg(long)]
     pub base_url: Option<String>,
+    /// The base URL the journal's jobs were sent to, which this run's base URL replaces: the
+    /// same Kling account and region, reached at another URL (a proxy or host renamed). A
+    /// journal refuses a run sent elsewhere than its jobs were; this records the run's base URL
+    /// in its place, and only when URL is the one the journal names.
+    #[arg(long, value_name = "URL")]
+    pub base_url_moved_from: Option<String>,
     /// The account tier: free, standard, pro, enterprise, resource-pack (default: `KLING_TIER`,
     /// else free). `KLING_*` variables override its numbers.
     #[arg(long, conflicts_with = "config")]
@@ -155,6 +162,10 @@ impl std::fmt::Debug for RunArgs {
             .field("journal", &self.journal)
             .field("output", &self.output)
             .field("base_url", &self.base_url.as_deref().map(redacted_url))
+            .field(
+                "base_url_moved_from",
+                &self.base_url_moved_from.as_deref().map(redacted_url),
+            )
             .field("tier", &self.tier)
             .field("config", &self.config)
             .field("speed", &self.speed)
@@ -564,6 +575,22 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     // Checked before a Redis is connected to; a `--base-url` refused quotes nothing of it.
     let (base, source) = base_url(&args, &config);
     check_base_url(&base, &source)?;
+    // Neither is quoted: it may carry a password.
+    let unreadable = |field: &str| {
+        SetupError::new(
+            field,
+            "is not an http:// or https:// URL with a host and no `@` (user info; an `@` in a \
+             path is written %40), and is not quoted",
+        )
+    };
+    let origin = ApiOrigin::parse(&base).ok_or_else(|| unreadable(&source))?;
+    let set_by = base_url_set_by(&args, &config, &source);
+    let moved_from = match &args.base_url_moved_from {
+        Some(url) => {
+            Some(ApiOrigin::parse(url).ok_or_else(|| unreadable("--base-url-moved-from"))?)
+        }
+        None => None,
+    };
     let stack = build_stack(&args, config.clone(), credentials, (base, source)).await?;
     let output = args
         .output
@@ -592,6 +619,15 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
             return Err(refuse_new_style_jobs(&to_send).into());
         }
     }
+    // Where the journal's jobs were sent: a resume sent elsewhere is refused before anything
+    // is sent, bound or made (its tasks are not there, and their jobs would be created again).
+    bind_base_url(
+        &journal,
+        &journal_path,
+        &origin,
+        &set_by,
+        moved_from.as_ref(),
+    )?;
 
     // Bound once the journal is open: a second run on it is refused as such, not for the
     // first one's port.
@@ -1017,11 +1053,9 @@ async fn build_stack(
     Stack::new(config, credentials, &base_url).map_err(|e| base_url_option(e, base_source))
 }
 
-/// Checks `base` as the stack will, a refusal named by `source`, the option or variable that
-/// set it. Checked as kling-tower checks a configured base URL (`StackConfig::base_url`),
-/// whose refusal quotes nothing of one that may carry a password or a signature: a `/`, `?`
-/// or `#` in user info ends the host there, and `BaseUrlLayer::new` (which the builder's
-/// `base_url` calls) refused `https://kb:pass/word@proxy` as "has port `pass`".
+/// Checks `base` as the stack will, before a Redis is connected to, a refusal named by
+/// `source`, the option or variable that set it. kling-tower's check quotes nothing of a base
+/// URL that may carry a password or a signature (an `@`, `?` or `#` anywhere).
 fn check_base_url(base: &str, source: &str) -> Result<(), SetupError> {
     StackConfig::preset(Tier::Free)
         .base_url(base)
@@ -1063,6 +1097,75 @@ fn base_url_from(args: &RunArgs, config: &StackConfig, variable_set: bool) -> (S
             "--base-url".to_owned(),
         ),
     }
+}
+
+/// Where the base URL of `base_url_from` came from, as a refusal says it: `source` (the
+/// option, variable or file), or that nothing set it.
+fn base_url_set_by(args: &RunArgs, config: &StackConfig, source: &str) -> String {
+    if args.base_url.is_none() && config.configured_base_url().is_none() {
+        format!(
+            "the default, Kling's global host: no --base-url, {BASE_URL_VAR} nor --config \
+             base_url is set"
+        )
+    } else {
+        format!("set by {source}")
+    }
+}
+
+/// Binds `journal` to `origin`, the base URL of this run ([`Journal::bind_base_url`]): a
+/// journal whose jobs were sent elsewhere is refused, naming both base URLs and what to do;
+/// one that recorded none, of an earlier version, records this one, which a note says.
+fn bind_base_url(
+    journal: &Journal,
+    path: &Path,
+    origin: &ApiOrigin,
+    set_by: &str,
+    moved_from: Option<&ApiOrigin>,
+) -> Result<(), SetupError> {
+    let shown = path.display();
+    match journal.bind_base_url(origin, moved_from) {
+        Ok(BaseUrlBinding::Unrecorded) => note(format_args!(
+            "{shown} does not say where its jobs were sent (a journal of an earlier \
+             kling-batch): it now records {origin}, where this run looks them up, and later \
+             runs on it must send there too"
+        )),
+        Ok(BaseUrlBinding::Unsent { from }) => note(format_args!(
+            "{shown}: none of its jobs holds a task at {from}: it now records {origin}"
+        )),
+        Ok(BaseUrlBinding::Moved { from }) => note(format_args!(
+            "{shown}: its jobs, sent to {from}, are now looked up at {origin} \
+             (--base-url-moved-from), which it records"
+        )),
+        Ok(_) => {}
+        Err(e) => {
+            let other = std::error::Error::source(&e)
+                .and_then(|source| source.downcast_ref::<OtherBaseUrl>());
+            let Some(other) = other else {
+                return Err(SetupError::new("--journal", format!("{shown}: {e}")));
+            };
+            let (recorded, current) = (other.recorded(), other.current());
+            let named = match other.moved_from() {
+                Some(given) => format!(
+                    " (--base-url-moved-from names {given}, and the journal names {recorded})"
+                ),
+                None => String::new(),
+            };
+            return Err(SetupError::new(
+                "--journal",
+                format!(
+                    "{shown}: its jobs were sent to {recorded}, and this run sends to {current} \
+                     ({set_by}){named}: their tasks are not there, and looked up there none \
+                     would be found and those jobs created again (billed twice). Nothing was \
+                     sent. Run with --base-url {recorded} (or the {BASE_URL_VAR} or --config \
+                     that sent them there); if {current} reaches the same Kling account and \
+                     region (a proxy or host renamed), run once with --base-url-moved-from \
+                     {recorded}; to run every job anew at {current} instead (each created and \
+                     billed again), use a new --journal"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A stack's error about its `base_url` field, naming the option, variable or file that set
@@ -1376,6 +1479,8 @@ mod tests {
             "https://hook:HOOKPASSWORD@example.com/hooks/kling?token=HOOKTOKEN",
             "--base-url",
             "https://proxy:PROXYPASSWORD@proxy.example/kling?key=PROXYKEY",
+            "--base-url-moved-from",
+            "https://old:OLDPASSWORD@old.example/kling?key=OLDKEY",
         ];
         if cfg!(feature = "redis") {
             argv.extend(["--redis", "redis://:REDISPASSWORD@10.0.0.5:6379/"]);
@@ -1384,11 +1489,20 @@ mod tests {
         let text = format!("{cli:?}");
         assert!(!text.contains("TOPSECRET"), "{text}");
         assert!(!text.contains("REDISPASSWORD"), "{text}");
-        for secret in ["HOOKPASSWORD", "HOOKTOKEN", "PROXYPASSWORD", "PROXYKEY"] {
+        for secret in [
+            "HOOKPASSWORD",
+            "HOOKTOKEN",
+            "PROXYPASSWORD",
+            "PROXYKEY",
+            "OLDPASSWORD",
+            "OLDKEY",
+        ] {
             assert!(!text.contains(secret), "{secret}: {text}");
         }
         assert!(
-            text.contains("https://example.com/hooks/kling") && text.contains("proxy.example"),
+            text.contains("https://example.com/hooks/kling")
+                && text.contains("proxy.example")
+                && text.contains("https://old.example/kling"),
             "{text}"
         );
         assert!(
@@ -1466,6 +1580,22 @@ mod tests {
                 named("http://127.0.0.1:9", "--base-url")
             );
         }
+        // A refusal for another base URL than the journal's says what set this run's: the
+        // global host is named as the default, not as set by `--base-url`, which no one gave
+        // (`KLING_BASE_URL` unset since the last run).
+        let default = base_url_set_by(&args(&[]), &plain, "--base-url");
+        assert!(
+            default.starts_with("the default, Kling's global host: no --base-url"),
+            "{default}"
+        );
+        assert_eq!(
+            base_url_set_by(&args(&[]), &china, "KLING_BASE_URL"),
+            "set by KLING_BASE_URL"
+        );
+        assert_eq!(
+            base_url_set_by(&proxy, &plain, "--base-url"),
+            "set by --base-url"
+        );
     }
 
     /// A speed is judged by the configuration the run uses, its retry deadline raised to 48

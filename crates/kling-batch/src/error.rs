@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::journal::ApiOrigin;
+
 /// A line of the jobs file that is not a job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobError {
@@ -120,6 +122,69 @@ impl fmt::Display for ChangedJobs {
 }
 
 impl std::error::Error for ChangedJobs {}
+
+/// A journal whose jobs were sent to another API than the one a run is about to send to
+/// ([`Journal::bind_base_url`](crate::journal::Journal::bind_base_url)): their tasks are not
+/// there, and a resume that looked them up there would find none and create the jobs again
+/// (billed twice). Nothing is written, and nothing is sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtherBaseUrl {
+    recorded: ApiOrigin,
+    current: ApiOrigin,
+    moved_from: Option<ApiOrigin>,
+}
+
+impl OtherBaseUrl {
+    pub(crate) fn new(
+        recorded: ApiOrigin,
+        current: ApiOrigin,
+        moved_from: Option<ApiOrigin>,
+    ) -> Self {
+        OtherBaseUrl {
+            recorded,
+            current,
+            moved_from,
+        }
+    }
+
+    /// Where the journal's jobs were sent.
+    pub fn recorded(&self) -> &ApiOrigin {
+        &self.recorded
+    }
+
+    /// Where the run would have sent.
+    pub fn current(&self) -> &ApiOrigin {
+        &self.current
+    }
+
+    /// The base URL the caller said this one replaces, which is not the one recorded.
+    pub fn moved_from(&self) -> Option<&ApiOrigin> {
+        self.moved_from.as_ref()
+    }
+}
+
+impl fmt::Display for OtherBaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "its jobs were sent to {}, and this run sends to {}",
+            self.recorded, self.current
+        )?;
+        if let Some(moved_from) = &self.moved_from {
+            write!(
+                f,
+                " (said to replace {moved_from}, which the journal does not name)"
+            )?;
+        }
+        write!(
+            f,
+            ": their tasks are not there, and a resume looking them up there would find none \
+             and create those jobs again (billed twice); nothing was written"
+        )
+    }
+}
+
+impl std::error::Error for OtherBaseUrl {}
 
 /// A setting the tool cannot run with, naming the option, field or variable.
 #[derive(Clone, Debug, PartialEq, Eq)]

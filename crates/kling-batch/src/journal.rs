@@ -14,6 +14,11 @@
 //! `line-N`) are read: such a job takes over the `line-N` row that holds the same body and
 //! endpoint, with its state, task and external id.
 //!
+//! A journal belongs to one API: [`Journal::bind_base_url`] records the base URL its jobs are
+//! sent to ([`ApiOrigin`]) before a run sends, and refuses a run sent elsewhere, where their
+//! tasks are not (looked up there, none is found, and the jobs would be created again). A
+//! journal of an earlier version, which recorded none, records the base URL of its next run.
+//!
 //! ```
 //! use kling_batch::journal::{JobState, Journal, Update};
 //! use kling_batch::jobs::parse_jobs;
@@ -41,7 +46,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::{ChangedJobs, JournalError};
+use crate::error::{ChangedJobs, JournalError, OtherBaseUrl};
 use crate::jobs::{Job, default_id};
 
 /// Where a job is.
@@ -190,6 +195,97 @@ impl Update {
     }
 }
 
+/// The API a journal's jobs are sent to: a base URL's scheme, host, port and path, and nothing
+/// else (no user info, query or fragment, which may hold a password or a token).
+///
+/// Read as the stack reads a base URL (kling-tower's `BaseUrlLayer`): the scheme and host in
+/// lower case, the scheme's default port left out (`https://h:443` is `https://h`), and the
+/// path without its trailing `/` (`https://proxy.example/kling/` is
+/// `https://proxy.example/kling`).
+///
+/// The path counts. The stack puts it before every request's path
+/// (`https://proxy.example/kling` sends `/kling/v1/videos/text2video`), and a proxy may route
+/// two prefixes of one host to two regions or two accounts (`/kling-cn`, `/kling-global`),
+/// neither of which knows the other's tasks: a resume sent to the other prefix would look the
+/// journal's tasks up where they are not, and create its open jobs again. Counting it can only
+/// refuse a resume too many (two paths that reach one API), which
+/// [`Journal::bind_base_url`]'s `moved_from` lets through.
+///
+/// ```
+/// use kling_batch::journal::ApiOrigin;
+///
+/// let origin = ApiOrigin::parse("HTTPS://Proxy.Example:443/kling/").unwrap();
+/// assert_eq!(origin.as_str(), "https://proxy.example/kling");
+/// assert_ne!(origin, ApiOrigin::parse("https://proxy.example/kling-cn").unwrap());
+/// assert_eq!(ApiOrigin::parse("not a url"), None);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ApiOrigin(String);
+
+impl ApiOrigin {
+    /// The API `base_url` names; `None` when it is no `http://` or `https://` URL with a host,
+    /// or holds an `@`: user info, which may hold a password, and where a password holds a `/`
+    /// (`https://kb:443/x@proxy`) reads as a host, a port and a path (an `@` in a path is
+    /// written `%40`). A query and a fragment are left out.
+    pub fn parse(base_url: &str) -> Option<ApiOrigin> {
+        if base_url.contains('@') {
+            return None;
+        }
+        let uri: http::Uri = base_url.trim().parse().ok()?;
+        let scheme = uri.scheme_str()?.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "https" => 443,
+            "http" => 80,
+            _ => return None,
+        };
+        let host = uri.host().filter(|h| !h.is_empty())?.to_ascii_lowercase();
+        let port = match uri.port_u16() {
+            Some(port) if port != default_port => format!(":{port}"),
+            _ => String::new(),
+        };
+        let path = uri.path().trim_end_matches('/');
+        Some(ApiOrigin(format!("{scheme}://{host}{port}{path}")))
+    }
+
+    /// As text: `scheme://host[:port][/path]`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ApiOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What [`Journal::bind_base_url`] found, the journal recording this run's base URL in all
+/// but the first case.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BaseUrlBinding {
+    /// The journal records this run's base URL already.
+    Same,
+    /// The journal recorded none, and none of its jobs was sent (a new journal).
+    New,
+    /// The journal recorded none, and some of its jobs were sent: a journal of an earlier
+    /// version, which did not record where. It cannot be checked: this run's is recorded.
+    Unrecorded,
+    /// The journal recorded `from`, but none of its jobs holds or may hold a task there (each
+    /// is `queued` or `not_submitted`: a first run refused with `1002`, a key of the other
+    /// region, say): nothing there to look up.
+    Unsent {
+        /// The base URL the journal recorded.
+        from: ApiOrigin,
+    },
+    /// The journal recorded `from`, which the caller said this run's base URL replaces (the
+    /// same account and region behind a renamed proxy or host).
+    Moved {
+        /// The base URL the journal recorded.
+        from: ApiOrigin,
+    },
+}
+
 /// A job as the journal holds it.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -273,6 +369,11 @@ const FOLDS_KEY: &str = "folds";
 
 /// The `meta` key of the journal's id, set once when it is made.
 const JOURNAL_ID_KEY: &str = "journal_id";
+
+/// The `meta` key of the API the journal's jobs are sent to: an [`ApiOrigin`]'s text, recorded
+/// by [`Journal::bind_base_url`] before a run sends anything. Journals of earlier versions lack
+/// it (their tables are the same): the first run of this version records its own.
+const BASE_URL_KEY: &str = "base_url";
 
 /// The statement that marks a journal closed (see [`OPEN_KEY`]) by hand: for one whose
 /// `-wal` was lost, at the user's own risk.
@@ -1323,6 +1424,79 @@ impl Journal {
     #[cfg(test)]
     pub(crate) fn commits(&self) -> usize {
         self.commits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The API the journal's jobs were sent to, as a run recorded it
+    /// ([`bind_base_url`](Self::bind_base_url)); `None` for a journal no run bound yet (a new
+    /// one, or one of an earlier version, which recorded none).
+    pub fn base_url(&self) -> Result<Option<ApiOrigin>, JournalError> {
+        let conn = self.lock();
+        let text: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [BASE_URL_KEY],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(text.map(ApiOrigin))
+    }
+
+    /// Checks that the journal's jobs were sent to `base`, the base URL a run is about to
+    /// send to, and records it: called before the run sends anything (`kling-batch run` does,
+    /// before it sends, binds a listener or makes a folder). A task is Kling's in one region
+    /// of one account: looked up anywhere else it is not found, and a resume would create its
+    /// job again, billed twice.
+    ///
+    /// A journal that recorded no base URL records `base` ([`BaseUrlBinding::New`], or
+    /// [`BaseUrlBinding::Unrecorded`] for one of an earlier version whose jobs were sent: where
+    /// to is not known, and it resumes as before). One that recorded another takes `base` only
+    /// when none of its jobs holds or may hold a task (each `queued` or `not_submitted`,
+    /// [`BaseUrlBinding::Unsent`]), or when `moved_from` names the one it recorded: the caller
+    /// says the same API is now reached at `base` ([`BaseUrlBinding::Moved`]).
+    ///
+    /// # Errors
+    ///
+    /// Any other base URL is refused, and nothing is written: the error's source is
+    /// [`OtherBaseUrl`], naming both.
+    pub fn bind_base_url(
+        &self,
+        base: &ApiOrigin,
+        moved_from: Option<&ApiOrigin>,
+    ) -> Result<BaseUrlBinding, JournalError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let recorded: Option<String> = tx
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [BASE_URL_KEY],
+                |r| r.get(0),
+            )
+            .optional()?;
+        // A job `queued` or `not_submitted` holds no task: the journal sends its create again
+        // on any resume (a job looked up and not found is `queued` again).
+        let sent: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state NOT IN ('queued', 'not_submitted'))",
+            [],
+            |r| r.get(0),
+        )?;
+        let binding = match recorded.map(ApiOrigin) {
+            Some(recorded) if recorded == *base => return Ok(BaseUrlBinding::Same),
+            None if sent => BaseUrlBinding::Unrecorded,
+            None => BaseUrlBinding::New,
+            Some(from) if !sent => BaseUrlBinding::Unsent { from },
+            Some(from) if moved_from == Some(&from) => BaseUrlBinding::Moved { from },
+            Some(recorded) => {
+                // Dropping the transaction rolls it back: nothing is written.
+                return Err(JournalError::new(
+                    "another base URL",
+                    OtherBaseUrl::new(recorded, base.clone(), moved_from.cloned()),
+                ));
+            }
+        };
+        mark(&tx, BASE_URL_KEY, base.as_str())?;
+        tx.commit()?;
+        self.fold_if_long(&conn);
+        Ok(binding)
     }
 
     /// One job's record.
@@ -2646,6 +2820,128 @@ mod tests {
         // Not stopped, it registers them all.
         let records = journal.register_unless(&jobs, &|| false).unwrap().unwrap();
         assert_eq!(records.len(), jobs.len());
+    }
+
+    /// A base URL is read as the stack reads it: scheme and host in any case, the default
+    /// port written or not, a trailing `/`, user info and a query are one API; another port,
+    /// scheme, host or path prefix is another. What is no `http(s)` URL with a host is none.
+    #[test]
+    fn an_api_origin_is_scheme_host_port_and_path_and_nothing_secret() {
+        let origin = |url: &str| ApiOrigin::parse(url).map(|o| o.as_str().to_owned());
+        let global = Some("https://api-singapore.klingai.com".to_owned());
+        for same in [
+            "https://api-singapore.klingai.com",
+            " HTTPS://API-Singapore.KlingAI.com:443/ ",
+            "https://api-singapore.klingai.com//",
+            "https://api-singapore.klingai.com?sig=s3cret#part",
+        ] {
+            assert_eq!(origin(same), global, "{same}");
+        }
+        assert_eq!(
+            origin("http://127.0.0.1:8080/kling/"),
+            Some("http://127.0.0.1:8080/kling".to_owned())
+        );
+        assert_eq!(
+            origin("http://localhost:80"),
+            Some("http://localhost".to_owned())
+        );
+        assert_eq!(
+            origin("http://[::1]:4000/"),
+            Some("http://[::1]:4000".to_owned())
+        );
+        for other in [
+            "https://api-singapore.klingai.com:8443",
+            "http://api-singapore.klingai.com",
+            "https://api-beijing.klingai.com",
+            "https://api-singapore.klingai.com/kling-cn",
+        ] {
+            assert_ne!(origin(other), global, "{other}");
+        }
+        for none in [
+            "",
+            "not a url",
+            "/v1/videos",
+            "ftp://host",
+            "https://",
+            "https://kb:hunter2@api-singapore.klingai.com",
+            "https://kb:443/hunter2@api-singapore.klingai.com",
+        ] {
+            assert_eq!(origin(none), None, "{none}");
+        }
+    }
+
+    /// A journal records the base URL of the first run that binds it, and refuses another
+    /// (writing nothing) while a job of it holds or may hold a task there, unless the caller
+    /// names the recorded one as the one it replaces. One whose jobs were never sent, or that
+    /// recorded none (an earlier version's), takes the run's.
+    #[test]
+    fn a_journal_refuses_a_base_url_other_than_the_one_its_jobs_were_sent_to() {
+        let parse = |url: &str| ApiOrigin::parse(url).unwrap();
+        let (a, b, c) = (
+            parse("http://127.0.0.1:4001"),
+            parse("http://127.0.0.1:4002/"),
+            parse("http://127.0.0.1:4003"),
+        );
+        let journal = Journal::open_in_memory().unwrap();
+        let (jobs, _) =
+            parse_jobs("{\"id\":\"x\",\"prompt\":\"x\"}\n{\"id\":\"y\",\"prompt\":\"y\"}\n");
+        journal.register(&jobs).unwrap();
+        assert_eq!(journal.base_url().unwrap(), None);
+        assert_eq!(
+            journal.bind_base_url(&a, None).unwrap(),
+            BaseUrlBinding::New
+        );
+        assert_eq!(journal.base_url().unwrap(), Some(a.clone()));
+        assert_eq!(
+            journal.bind_base_url(&a, Some(&c)).unwrap(),
+            BaseUrlBinding::Same
+        );
+        // Nothing sent yet (queued, then refused before it was made): another takes its place.
+        journal
+            .transition("x", JobState::NotSubmitted, Update::default())
+            .unwrap();
+        assert_eq!(
+            journal.bind_base_url(&b, None).unwrap(),
+            BaseUrlBinding::Unsent { from: a.clone() }
+        );
+        assert_eq!(journal.base_url().unwrap(), Some(b.clone()));
+        // A create of unknown outcome, then a task: refused, naming both, nothing written.
+        for state in [JobState::Creating, JobState::Created, JobState::Failed] {
+            journal.transition("x", state, Update::default()).unwrap();
+            for moved_from in [None, Some(&c)] {
+                let error = journal.bind_base_url(&a, moved_from).unwrap_err();
+                let other = std::error::Error::source(&error)
+                    .and_then(|e| e.downcast_ref::<OtherBaseUrl>())
+                    .expect("the source names both base URLs");
+                assert_eq!((other.recorded(), other.current()), (&b, &a));
+                assert_eq!(other.moved_from(), moved_from);
+                let text = error.to_string();
+                assert!(text.contains("http://127.0.0.1:4001"), "{text}");
+                assert!(text.contains("http://127.0.0.1:4002"), "{text}");
+                assert!(text.contains("billed twice"), "{text}");
+                assert_eq!(journal.base_url().unwrap(), Some(b.clone()), "{state}");
+            }
+        }
+        // Named as the one it replaces: taken.
+        assert_eq!(
+            journal.bind_base_url(&c, Some(&b)).unwrap(),
+            BaseUrlBinding::Moved { from: b.clone() }
+        );
+        assert_eq!(journal.base_url().unwrap(), Some(c.clone()));
+        assert!(journal.bind_base_url(&b, Some(&b)).is_err());
+
+        // A journal that recorded none, with a job created: an earlier version's, unchecked.
+        let earlier = Journal::open_in_memory().unwrap();
+        earlier.register(&jobs).unwrap();
+        earlier
+            .transition("y", JobState::Created, Update::task("t1"))
+            .unwrap();
+        assert_eq!(
+            earlier.bind_base_url(&a, None).unwrap(),
+            BaseUrlBinding::Unrecorded
+        );
+        assert_eq!(earlier.base_url().unwrap(), Some(a.clone()));
+        assert!(earlier.bind_base_url(&b, None).is_err());
     }
 
     #[test]

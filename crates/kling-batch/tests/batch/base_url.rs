@@ -1,11 +1,15 @@
 //! Where a run sends: `--base-url`, else `KLING_BASE_URL`, else the `--config` file's
-//! `base_url`, else Kling's global host; and a base URL refused names what set it.
+//! `base_url`, else Kling's global host; a base URL refused names what set it; and a resume
+//! sent elsewhere than its journal's jobs were is refused.
 
 use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
+use kling_batch::journal::{ApiOrigin, JobState, Journal, Update};
 use kling_mock::MockServer;
 
-use crate::support::{SPEED, finish, pro_mock, temp_dir};
+use crate::support::{SPEED, finish, pro_mock, run_command, temp_dir, until_created, write_jobs};
 
 /// Where nothing listens: a run sent there creates nothing.
 const NOWHERE: &str = "http://127.0.0.1:9";
@@ -99,7 +103,7 @@ async fn the_base_url_comes_from_the_option_then_the_variable_then_the_config_fi
 /// A base URL refused (user info, a query, plain http to another host) names the option,
 /// variable or file that set it, and repeats neither its user info nor its query, which may
 /// hold a password or a signature: `KLING_BASE_URL` with `--config` too, where it used to be
-/// ignored and the run sent to the file's base URL. A `/` in the password ends the host
+/// ignored and the run sent to the file's base URL; `--base-url-moved-from` too. A `/` in the password ends the host
 /// there (`https://kb:hunter2/x@…` reads as port `hunter2`): `--base-url` quoted that piece.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_base_url_refused_names_what_set_it_and_repeats_no_secret() {
@@ -113,7 +117,7 @@ async fn a_base_url_refused_names_what_set_it_and_repeats_no_secret() {
     let file_nowhere = config_file(&dir, "nowhere.toml", Some(NOWHERE));
     let tier = ["--tier", "pro"];
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, String);
-    let cases: [Case<'_>; 10] = [
+    let cases: [Case<'_>; 12] = [
         (
             [&tier[..], &["--base-url", with_password]].concat(),
             vec![],
@@ -159,6 +163,35 @@ async fn a_base_url_refused_names_what_set_it_and_repeats_no_secret() {
             vec![("KLING_BASE_URL", "http://kling.example")],
             "KLING_BASE_URL".to_owned(),
         ),
+        // The base URL a journal's jobs were sent to, said to be replaced by this one.
+        (
+            [
+                &tier[..],
+                &[
+                    "--base-url",
+                    NOWHERE,
+                    "--base-url-moved-from",
+                    with_password,
+                ],
+            ]
+            .concat(),
+            vec![],
+            "--base-url-moved-from".to_owned(),
+        ),
+        (
+            [
+                &tier[..],
+                &[
+                    "--base-url",
+                    NOWHERE,
+                    "--base-url-moved-from",
+                    slash_in_password,
+                ],
+            ]
+            .concat(),
+            vec![],
+            "--base-url-moved-from".to_owned(),
+        ),
         // Refused however `--base-url` overrides it, as any `KLING_*` variable set wrong is.
         (
             vec!["--config", &file_nowhere, "--base-url", NOWHERE],
@@ -182,4 +215,264 @@ async fn a_base_url_refused_names_what_set_it_and_repeats_no_secret() {
         }
         assert!(!journal.exists(), "{args:?} {vars:?}: no journal made");
     }
+}
+
+/// The run's stderr, its exit status checked to be `code`.
+fn exited(output: &Output, code: i32) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(code), "{stderr}");
+    stderr
+}
+
+/// Runs `jobs` on `server` with `args` and kills it (SIGKILL) once it has created 5 tasks,
+/// leaving jobs `creating` and `created` in the journal; returns the requests the server had
+/// then.
+async fn killed_midway(server: &MockServer, jobs: &Path, args: &[&str]) -> u64 {
+    let mut run = run_command(jobs, &server.base_url(), args)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    until_created(server, 5).await;
+    run.kill().await.unwrap();
+    run.wait().await.unwrap();
+    // A request on its way when the run died reaches the server first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(server.stats().tasks_created < 30, "killed midway");
+    server.stats().requests_total
+}
+
+/// A resume sent elsewhere than its journal's jobs were (`KLING_BASE_URL` unset between runs,
+/// the other region, another mock) is refused before anything is sent or made, naming both
+/// base URLs and what to do: it looked the journal's tasks up where they are not, found none,
+/// and created those jobs again there, each billed twice. Sent to the same base URL, the
+/// resume goes on and creates none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_sent_to_another_base_url_is_refused_and_sends_nothing() {
+    let first = MockServer::start(pro_mock()).await.unwrap();
+    let other = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("base-url-resume");
+    let jobs = write_jobs(&dir, 30);
+    let journal = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let args = [
+        "--journal",
+        journal.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let sent = killed_midway(&first, &jobs, &args).await;
+
+    let files = dir.join("files");
+    let mut elsewhere = run_command(&jobs, &other.base_url(), &args);
+    elsewhere.arg("--download").arg(&files);
+    let stderr = exited(&finish(elsewhere).await, 2);
+    assert!(stderr.contains("kling-batch: --journal: "), "{stderr}");
+    for named in [
+        format!("its jobs were sent to {}", first.base_url()),
+        format!("this run sends to {} (set by --base-url)", other.base_url()),
+        "billed twice".to_owned(),
+        format!("--base-url {}", first.base_url()),
+        format!("--base-url-moved-from {}", first.base_url()),
+        "use a new --journal".to_owned(),
+    ] {
+        assert!(stderr.contains(&named), "names {named}: {stderr}");
+    }
+    assert_eq!(other.stats().requests_total, 0, "nothing sent: {stderr}");
+    assert_eq!(first.stats().requests_total, sent, "nothing sent: {stderr}");
+    assert!(!files.exists(), "no --download folder made: {stderr}");
+
+    // The same base URL: the resume goes on.
+    exited(
+        &finish(run_command(&jobs, &first.base_url(), &args)).await,
+        0,
+    );
+    let stats = first.stats();
+    assert_eq!(
+        (stats.tasks_created, stats.duplicate_external_ids),
+        (30, 0),
+        "{stats:?}"
+    );
+    assert_eq!(other.stats().requests_total, 0);
+}
+
+/// A journal whose API is now reached at another URL (a proxy or host renamed; here the same
+/// mock at `localhost` for `127.0.0.1`) is refused as any other base URL is, and with
+/// `--base-url-moved-from` naming another URL than the one it recorded; naming that one (a
+/// trailing `/` aside), it resumes there, creates none twice, and records the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_whose_api_moved_resumes_with_base_url_moved_from_naming_its_base_url() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("base-url-moved");
+    let jobs = write_jobs(&dir, 30);
+    let journal = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let args = [
+        "--journal",
+        journal.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let sent = killed_midway(&server, &jobs, &args).await;
+    let recorded = server.base_url();
+    let moved = recorded.replace("127.0.0.1", "localhost");
+    assert_ne!(moved, recorded);
+    let with = |extra: &[&str]| {
+        let mut cmd = run_command(&jobs, &moved, &args);
+        cmd.args(extra);
+        cmd
+    };
+    for (extra, said) in [
+        (vec![], String::new()),
+        (
+            vec!["--base-url-moved-from", "http://127.0.0.1:9"],
+            format!(
+                "(--base-url-moved-from names http://127.0.0.1:9, and the journal names \
+                 {recorded})"
+            ),
+        ),
+    ] {
+        let stderr = exited(&finish(with(&extra)).await, 2);
+        assert!(
+            stderr.contains(&format!("its jobs were sent to {recorded}")),
+            "{extra:?}: {stderr}"
+        );
+        assert!(stderr.contains(&said), "{extra:?}: {stderr}");
+        assert_eq!(server.stats().requests_total, sent, "{extra:?}: {stderr}");
+    }
+    let stderr = exited(
+        &finish(with(&["--base-url-moved-from", &format!("{recorded}/")])).await,
+        0,
+    );
+    assert!(
+        stderr.contains(&format!("sent to {recorded}, are now looked up at {moved}")),
+        "{stderr}"
+    );
+    let stats = server.stats();
+    assert_eq!(
+        (stats.tasks_created, stats.duplicate_external_ids),
+        (30, 0),
+        "{stats:?}"
+    );
+    let journal = Journal::open(&journal).unwrap();
+    assert_eq!(journal.base_url().unwrap(), ApiOrigin::parse(&moved));
+}
+
+/// A journal of an earlier version, which recorded no base URL, resumes as before (its
+/// created task followed, none created twice), says so, and records the base URL of that run:
+/// a later run sent elsewhere is refused, and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_of_an_earlier_version_resumes_and_records_its_base_url() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Full};
+
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let other = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("base-url-earlier");
+    let jobs = write_jobs(&dir, 3);
+    let path = dir.join("journal.sqlite");
+    {
+        // As an earlier version left it: jobs registered, one created (its task on the
+        // server), no base URL.
+        let journal = Journal::open(&path).unwrap();
+        let (parsed, _) = kling_batch::jobs::parse_jobs(&std::fs::read_to_string(&jobs).unwrap());
+        let records = journal.register(&parsed).unwrap();
+        journal
+            .transition("job-1", JobState::Creating, Update::default())
+            .unwrap();
+        let body = format!(
+            "{{\"prompt\":\"shot 1\",\"external_task_id\":\"{}\"}}",
+            records[0].external_id
+        );
+        let create = http::Request::post(format!("{}/v1/videos/text2video", server.base_url()))
+            .header("authorization", "Bearer test-key")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let answer = crate::support::bare_client().request(create).await.unwrap();
+        let answer = answer.into_body().collect().await.unwrap().to_bytes();
+        let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+        let task = answer["data"]["task_id"].as_str().unwrap();
+        journal
+            .transition("job-1", JobState::Created, Update::task(task))
+            .unwrap();
+        assert_eq!(journal.base_url().unwrap(), None);
+    }
+    let args = ["--journal", path.to_str().unwrap()];
+    let stderr = exited(
+        &finish(run_command(&jobs, &server.base_url(), &args)).await,
+        0,
+    );
+    assert!(
+        stderr.contains(&format!(
+            "does not say where its jobs were sent (a journal of an earlier kling-batch): it \
+             now records {}",
+            server.base_url()
+        )),
+        "{stderr}"
+    );
+    let stats = server.stats();
+    assert_eq!(
+        (stats.tasks_created, stats.duplicate_external_ids),
+        (3, 0),
+        "{stats:?}"
+    );
+    {
+        let journal = Journal::open(&path).unwrap();
+        assert_eq!(
+            journal.base_url().unwrap(),
+            ApiOrigin::parse(&server.base_url())
+        );
+    }
+    let stderr = exited(
+        &finish(run_command(&jobs, &other.base_url(), &args)).await,
+        2,
+    );
+    assert!(
+        stderr.contains(&format!("its jobs were sent to {}", server.base_url())),
+        "{stderr}"
+    );
+    assert_eq!(other.stats().requests_total, 0, "{stderr}");
+}
+
+/// A journal none of whose jobs was ever created (the first run's key refused with 1002, as
+/// a key of the other region is) holds no task anywhere: a run sent elsewhere (the key's
+/// region) takes it over, says so, and creates every job once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_whose_jobs_were_never_created_takes_the_next_runs_base_url() {
+    let refusing = MockServer::start(pro_mock().api_key("right-key"))
+        .await
+        .unwrap();
+    let other = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("base-url-unsent");
+    let jobs = write_jobs(&dir, 6);
+    let journal = dir.join("journal.sqlite");
+    let args = ["--journal", journal.to_str().unwrap()];
+    exited(
+        &finish(run_command(&jobs, &refusing.base_url(), &args)).await,
+        1,
+    );
+    let refused = refusing.stats();
+    assert_eq!(
+        (refused.tasks_created, refused.requests_total),
+        (0, 1),
+        "{refused:?}"
+    );
+    let stderr = exited(
+        &finish(run_command(&jobs, &other.base_url(), &args)).await,
+        0,
+    );
+    assert!(
+        stderr.contains(&format!(
+            "none of its jobs holds a task at {}: it now records {}",
+            refusing.base_url(),
+            other.base_url()
+        )),
+        "{stderr}"
+    );
+    let stats = other.stats();
+    assert_eq!(
+        (stats.tasks_created, stats.duplicate_external_ids),
+        (6, 0),
+        "{stats:?}"
+    );
+    assert_eq!(refusing.stats().requests_total, 1);
 }

@@ -5,18 +5,9 @@ use std::time::Duration;
 use kling_batch::journal::{JobState, Journal};
 use kling_mock::MockServer;
 
-use crate::support::{finish, in_state, pro_mock, results, run_command, temp_dir, write_jobs};
-
-/// Waits until the mock has created at least `n` tasks.
-async fn until_created(server: &MockServer, n: u64) {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while server.stats().tasks_created < n {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the run creates tasks");
-}
+use crate::support::{
+    finish, in_state, pro_mock, results, run_command, temp_dir, until_created, write_jobs,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_run_resumes_and_creates_nothing_twice() {

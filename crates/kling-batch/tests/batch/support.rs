@@ -72,6 +72,17 @@ pub(crate) async fn finish(mut cmd: tokio::process::Command) -> Output {
         .expect("the binary runs")
 }
 
+/// Waits until the mock has created at least `n` tasks.
+pub(crate) async fn until_created(server: &kling_mock::MockServer, n: u64) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while server.stats().tasks_created < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the run creates tasks");
+}
+
 /// The output JSONL's lines.
 pub(crate) fn results(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
