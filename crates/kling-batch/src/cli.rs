@@ -607,6 +607,15 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     }
     check_writable(&output)
         .map_err(|e| SetupError::new("--output", format!("{}: {e}", output.display())))?;
+    // The listeners: bound before a new journal is made, which a run refused for one (a port
+    // in use, an address not on this machine) left behind; bound once a journal there is
+    // open, so that a second run on it is refused as such, not for the first one's port.
+    let mut callback = callback;
+    let bound = if journal_path.exists() {
+        None
+    } else {
+        Some(bind_listeners(&args, callback.take(), &config).await?)
+    };
     // The journal's own checks (a lone `-wal`, a folder that is not there, another run's
     // lock) refuse it before SQLite writes anything.
     let journal = Journal::open(&journal_path)
@@ -621,47 +630,15 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     }
     // Where the journal's jobs were sent: a resume sent elsewhere is refused before anything
     // is sent, bound or made (its tasks are not there, and their jobs would be created again).
-    bind_base_url(
-        &journal,
-        &journal_path,
-        &origin,
-        &set_by,
-        moved_from.as_ref(),
-    )?;
-
-    // Bound once the journal is open: a second run on it is refused as such, not for the
-    // first one's port.
-    let mut listeners = Listeners::default();
-    let mut follow = crate::run::default_follow_policy(config.speed_factor());
-    let mut options_callback = None;
-    if let Some(callback) = callback {
-        let addr = callback.addr;
-        let listener = callbacks::bind(addr)
-            .await
-            .map_err(|e| SetupError::new("--callback-listen", format!("{addr}: {e}")))?;
-        let bound = listener
-            .local_addr()
-            .map_err(|e| SetupError::new("--callback-listen", e.to_string()))?;
-        let url = match callback.url {
-            Some((url, path)) => {
-                listeners.callback_path = Some(path);
-                url
-            }
-            None => format!("http://{bound}{CALLBACK_PATH}"),
-        };
-        listeners.callback = Some((listener, callback.verifier));
-        options_callback = Some(url);
-        follow = FollowPolicy::new()
-            .callbacks_first(std::time::Duration::from_secs(60))
-            .speed(config.speed_factor());
-    }
-    if let Some(addr) = args.metrics_addr {
-        listeners.metrics = Some(
-            callbacks::bind(addr)
-                .await
-                .map_err(|e| SetupError::new("--metrics-addr", format!("{addr}: {e}")))?,
-        );
-    }
+    // Checked here, recorded below once nothing else can refuse the run.
+    let shown = journal_path.display();
+    let binding = journal
+        .check_base_url(&origin, moved_from.as_ref())
+        .map_err(|e| refuse_base_url(&e, &shown, &set_by))?;
+    let (listeners, follow, options_callback) = match bound {
+        Some(bound) => bound,
+        None => bind_listeners(&args, callback, &config).await?,
+    };
     // Made last: a run refused by its journal, or for a listener, made it for nothing.
     if let Some(dir) = &args.download {
         std::fs::create_dir_all(dir).map_err(|e| {
@@ -670,6 +647,12 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
                 format!("cannot create {}: {e}", dir.display()),
             )
         })?;
+    }
+    if binding != BaseUrlBinding::Same {
+        let binding = journal
+            .bind_base_url(&origin, moved_from.as_ref())
+            .map_err(|e| refuse_base_url(&e, &shown, &set_by))?;
+        note_binding(&binding, &shown, &origin);
     }
     let mut options = RunOptions::new(follow);
     if let Some(url) = options_callback {
@@ -1112,60 +1095,102 @@ fn base_url_set_by(args: &RunArgs, config: &StackConfig, source: &str) -> String
     }
 }
 
-/// Binds `journal` to `origin`, the base URL of this run ([`Journal::bind_base_url`]): a
-/// journal whose jobs were sent elsewhere is refused, naming both base URLs and what to do;
-/// one that recorded none, of an earlier version, records this one, which a note says.
-fn bind_base_url(
-    journal: &Journal,
-    path: &Path,
-    origin: &ApiOrigin,
-    set_by: &str,
-    moved_from: Option<&ApiOrigin>,
-) -> Result<(), SetupError> {
-    let shown = path.display();
-    match journal.bind_base_url(origin, moved_from) {
-        Ok(BaseUrlBinding::Unrecorded) => note(format_args!(
+/// What binding the journal at `shown` to `origin`, the base URL of this run
+/// ([`Journal::bind_base_url`]), changed, as a note: one that recorded none (of an earlier
+/// version), none whose jobs hold a task, or one named by `--base-url-moved-from`, records
+/// this run's.
+fn note_binding(binding: &BaseUrlBinding, shown: &impl std::fmt::Display, origin: &ApiOrigin) {
+    match binding {
+        BaseUrlBinding::Unrecorded => note(format_args!(
             "{shown} does not say where its jobs were sent (a journal of an earlier \
              kling-batch): it now records {origin}, where this run looks them up, and later \
              runs on it must send there too"
         )),
-        Ok(BaseUrlBinding::Unsent { from }) => note(format_args!(
+        BaseUrlBinding::Unsent { from } => note(format_args!(
             "{shown}: none of its jobs holds a task at {from}: it now records {origin}"
         )),
-        Ok(BaseUrlBinding::Moved { from }) => note(format_args!(
+        BaseUrlBinding::Moved { from } => note(format_args!(
             "{shown}: its jobs, sent to {from}, are now looked up at {origin} \
              (--base-url-moved-from), which it records"
         )),
-        Ok(_) => {}
-        Err(e) => {
-            let other = std::error::Error::source(&e)
-                .and_then(|source| source.downcast_ref::<OtherBaseUrl>());
-            let Some(other) = other else {
-                return Err(SetupError::new("--journal", format!("{shown}: {e}")));
-            };
-            let (recorded, current) = (other.recorded(), other.current());
-            let named = match other.moved_from() {
-                Some(given) => format!(
-                    " (--base-url-moved-from names {given}, and the journal names {recorded})"
-                ),
-                None => String::new(),
-            };
-            return Err(SetupError::new(
-                "--journal",
-                format!(
-                    "{shown}: its jobs were sent to {recorded}, and this run sends to {current} \
-                     ({set_by}){named}: their tasks are not there, and looked up there none \
-                     would be found and those jobs created again (billed twice). Nothing was \
-                     sent. Run with --base-url {recorded} (or the {BASE_URL_VAR} or --config \
-                     that sent them there); if {current} reaches the same Kling account and \
-                     region (a proxy or host renamed), run once with --base-url-moved-from \
-                     {recorded}; to run every job anew at {current} instead (each created and \
-                     billed again), use a new --journal"
-                ),
-            ));
-        }
+        _ => {}
     }
-    Ok(())
+}
+
+/// The refusal of the journal at `shown` for the base URL of this run
+/// ([`Journal::check_base_url`]): a journal whose jobs were sent elsewhere names both base
+/// URLs, what set this run's (`set_by`) and what to do.
+fn refuse_base_url(
+    e: &crate::error::JournalError,
+    shown: &impl std::fmt::Display,
+    set_by: &str,
+) -> SetupError {
+    let other =
+        std::error::Error::source(e).and_then(|source| source.downcast_ref::<OtherBaseUrl>());
+    let Some(other) = other else {
+        return SetupError::new("--journal", format!("{shown}: {e}"));
+    };
+    let (recorded, current) = (other.recorded(), other.current());
+    let named = match other.moved_from() {
+        Some(given) => {
+            format!(" (--base-url-moved-from names {given}, and the journal names {recorded})")
+        }
+        None => String::new(),
+    };
+    SetupError::new(
+        "--journal",
+        format!(
+            "{shown}: its jobs were sent to {recorded}, and this run sends to {current} \
+             ({set_by}){named}: their tasks are not there, and looked up there none would be \
+             found and those jobs created again (billed twice). Nothing was sent. Run with \
+             --base-url {recorded} (or the {BASE_URL_VAR} or --config that sent them there); \
+             if {current} reaches the same Kling account and region (a proxy or host renamed), \
+             run once with --base-url-moved-from {recorded}; to run every job anew at \
+             {current} instead (each created and billed again), use a new --journal"
+        ),
+    )
+}
+
+/// The listeners of a run, its follow policy and the callback URL its creates name: the
+/// callback listener (`callback`, checked before) and `--metrics-addr`, each refused naming its
+/// option when it cannot be bound.
+async fn bind_listeners(
+    args: &RunArgs,
+    callback: Option<CallbackSettings>,
+    config: &StackConfig,
+) -> Result<(Listeners, FollowPolicy, Option<String>), SetupError> {
+    let mut listeners = Listeners::default();
+    let mut follow = crate::run::default_follow_policy(config.speed_factor());
+    let mut options_callback = None;
+    if let Some(callback) = callback {
+        let addr = callback.addr;
+        let listener = callbacks::bind(addr)
+            .await
+            .map_err(|e| SetupError::new("--callback-listen", format!("{addr}: {e}")))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| SetupError::new("--callback-listen", e.to_string()))?;
+        let url = match callback.url {
+            Some((url, path)) => {
+                listeners.callback_path = Some(path);
+                url
+            }
+            None => format!("http://{bound}{CALLBACK_PATH}"),
+        };
+        listeners.callback = Some((listener, callback.verifier));
+        options_callback = Some(url);
+        follow = FollowPolicy::new()
+            .callbacks_first(std::time::Duration::from_secs(60))
+            .speed(config.speed_factor());
+    }
+    if let Some(addr) = args.metrics_addr {
+        listeners.metrics = Some(
+            callbacks::bind(addr)
+                .await
+                .map_err(|e| SetupError::new("--metrics-addr", format!("{addr}: {e}")))?,
+        );
+    }
+    Ok((listeners, follow, options_callback))
 }
 
 /// A stack's error about its `base_url` field, naming the option, variable or file that set
@@ -1533,6 +1558,53 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("base_url: Some(\"<redacted>\")"), "{text}");
+    }
+
+    /// A URL whose password holds a `/`, `?` or `#` reads as a host (the user name), a port
+    /// and a path, query or fragment that hold the rest of the password and the host
+    /// (`https://kb:443/hunter2@proxy` is host `kb`, port 443, path `/hunter2@proxy`): the
+    /// command line's `Debug` showed that path, the password in it, for `--base-url`,
+    /// `--base-url-moved-from` and `--callback-url` (whose refusals quote nothing of such a
+    /// URL). An `@` that is not in the URL's user info, as `http` reads it, shows nothing.
+    #[test]
+    fn the_debug_of_a_command_line_shows_no_password_that_ends_its_host_early() {
+        for url in [
+            "https://kb:443/HUNTER2@proxy.example/kling",
+            "https://kb:pass/HUNTER2@proxy.example",
+            "https://kb:1234#HUNTER2@proxy.example",
+            "https://kb:1234?HUNTER2@proxy.example",
+            "https://kb:1234/56@proxy.example",
+        ] {
+            let cli = Cli::try_parse_from([
+                "kling-batch",
+                "run",
+                "jobs.jsonl",
+                "--callback-listen",
+                "127.0.0.1:0",
+                "--callback-url",
+                url,
+                "--base-url",
+                url,
+                "--base-url-moved-from",
+                url,
+            ])
+            .unwrap();
+            let text = format!("{cli:?}");
+            for secret in ["HUNTER2", "1234", "56@"] {
+                assert!(!text.contains(secret), "{url}: {secret}: {text}");
+            }
+            for field in ["base_url", "base_url_moved_from", "callback_url"] {
+                assert!(
+                    text.contains(&format!("{field}: Some(\"<redacted>\")")),
+                    "{url}: {field}: {text}"
+                );
+            }
+        }
+        // User info `http` reads as such is left out, and the rest shown.
+        assert_eq!(
+            redacted_url("https://kb:pass@proxy.example:8443/kling?key=K"),
+            "https://proxy.example:8443/kling"
+        );
     }
 
     /// With no `--base-url`, a run sends where the configuration says (`KLING_BASE_URL`, or

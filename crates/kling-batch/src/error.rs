@@ -383,10 +383,19 @@ pub(crate) fn shown_url(url: &str) -> (std::borrow::Cow<'_, str>, bool) {
 
 /// A URL as a `Debug` output shows it: `scheme://host[:port]/path` (no user info, query or
 /// fragment, which may hold a password or a token), or `<redacted>` when it cannot be read as
-/// such a URL.
+/// such a URL, or has an `@` outside the user info `http` reads: a `/`, `?` or `#` in a
+/// password ends the host there (`https://kb:443/pass@proxy` reads as host `kb`, port 443 and
+/// path `/pass@proxy`), and the rest of the password would be shown as a path.
 pub(crate) fn redacted_url(url: &str) -> std::borrow::Cow<'_, str> {
+    let at_signs = |text: &str| text.matches('@').count();
     match url.parse::<http::Uri>() {
-        Ok(uri) if uri.scheme().is_some() && uri.host().is_some() => shown(url),
+        Ok(uri)
+            if uri.scheme().is_some()
+                && uri.host().is_some()
+                && uri.authority().map_or(0, |a| at_signs(a.as_str())) == at_signs(url) =>
+        {
+            shown(url)
+        }
         _ => "<redacted>".into(),
     }
 }

@@ -272,8 +272,8 @@ pub enum BaseUrlBinding {
     /// version, which did not record where. It cannot be checked: this run's is recorded.
     Unrecorded,
     /// The journal recorded `from`, but none of its jobs holds or may hold a task there (each
-    /// is `queued` or `not_submitted`: a first run refused with `1002`, a key of the other
-    /// region, say): nothing there to look up.
+    /// is `queued`, or `not_submitted` for a refusal that made nothing: a first run refused
+    /// with `1002`, a key of the other region, say): nothing there to look up.
     Unsent {
         /// The base URL the journal recorded.
         from: ApiOrigin,
@@ -374,6 +374,52 @@ const JOURNAL_ID_KEY: &str = "journal_id";
 /// by [`Journal::bind_base_url`] before a run sends anything. Journals of earlier versions lack
 /// it (their tables are the same): the first run of this version records its own.
 const BASE_URL_KEY: &str = "base_url";
+
+/// Whether a job of the journal holds or may hold a task where its jobs were sent: one neither
+/// `queued` nor `not_submitted`, or one `not_submitted` for `1103` (no permission), its create
+/// and its lookup both refused so, which an earlier attempt of the create, its answer lost,
+/// may have made (the run leaves that to Kling, which refuses the external id sent again there
+/// as a duplicate; another base URL does not). Any other job `not_submitted` made nothing
+/// (kling-tower's drain refuses only a create never sent; `1002`, `1102` and a proxy's `4xx`
+/// page refuse it), and a job looked up there and not found is `queued` again.
+const MAY_HOLD_A_TASK: &str = "SELECT EXISTS (SELECT 1 FROM jobs
+    WHERE state NOT IN ('queued', 'not_submitted')
+        OR (state = 'not_submitted'
+            AND CASE WHEN json_valid(error) THEN json_extract(error, '$.code') END = ?1))";
+
+/// What [`Journal::bind_base_url`] finds for `base` in the journal `conn` reads, writing
+/// nothing.
+fn base_url_binding(
+    conn: &Connection,
+    base: &ApiOrigin,
+    moved_from: Option<&ApiOrigin>,
+) -> Result<BaseUrlBinding, JournalError> {
+    let recorded: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [BASE_URL_KEY],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let sent: bool = conn.query_row(
+        MAY_HOLD_A_TASK,
+        [kling_core::Code::NoPermission.as_i64()],
+        |r| r.get(0),
+    )?;
+    Ok(match recorded.map(ApiOrigin) {
+        Some(recorded) if recorded == *base => BaseUrlBinding::Same,
+        None if sent => BaseUrlBinding::Unrecorded,
+        None => BaseUrlBinding::New,
+        Some(from) if !sent => BaseUrlBinding::Unsent { from },
+        Some(from) if moved_from == Some(&from) => BaseUrlBinding::Moved { from },
+        Some(recorded) => {
+            return Err(JournalError::new(
+                "another base URL",
+                OtherBaseUrl::new(recorded, base.clone(), moved_from.cloned()),
+            ));
+        }
+    })
+}
 
 /// The statement that marks a journal closed (see [`OPEN_KEY`]) by hand: for one whose
 /// `-wal` was lost, at the user's own risk.
@@ -1442,17 +1488,19 @@ impl Journal {
     }
 
     /// Checks that the journal's jobs were sent to `base`, the base URL a run is about to
-    /// send to, and records it: called before the run sends anything (`kling-batch run` does,
-    /// before it sends, binds a listener or makes a folder). A task is Kling's in one region
-    /// of one account: looked up anywhere else it is not found, and a resume would create its
-    /// job again, billed twice.
+    /// send to, and records it: called before the run sends anything (`kling-batch run`
+    /// checks it with [`check_base_url`](Self::check_base_url) before it binds a listener or
+    /// makes a folder, and records it once nothing else can refuse the run). A task is
+    /// Kling's in one region of one account: looked up anywhere else it is not found, and a
+    /// resume would create its job again, billed twice.
     ///
     /// A journal that recorded no base URL records `base` ([`BaseUrlBinding::New`], or
     /// [`BaseUrlBinding::Unrecorded`] for one of an earlier version whose jobs were sent: where
     /// to is not known, and it resumes as before). One that recorded another takes `base` only
-    /// when none of its jobs holds or may hold a task (each `queued` or `not_submitted`,
-    /// [`BaseUrlBinding::Unsent`]), or when `moved_from` names the one it recorded: the caller
-    /// says the same API is now reached at `base` ([`BaseUrlBinding::Moved`]).
+    /// when none of its jobs holds or may hold a task ([`BaseUrlBinding::Unsent`]: each
+    /// `queued`, or `not_submitted` for a refusal that made nothing), or when `moved_from`
+    /// names the one it recorded: the caller says the same API is now reached at `base`
+    /// ([`BaseUrlBinding::Moved`]).
     ///
     /// # Errors
     ///
@@ -1465,38 +1513,31 @@ impl Journal {
     ) -> Result<BaseUrlBinding, JournalError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let recorded: Option<String> = tx
-            .query_row(
-                "SELECT value FROM meta WHERE key = ?1",
-                [BASE_URL_KEY],
-                |r| r.get(0),
-            )
-            .optional()?;
-        // A job `queued` or `not_submitted` holds no task: the journal sends its create again
-        // on any resume (a job looked up and not found is `queued` again).
-        let sent: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state NOT IN ('queued', 'not_submitted'))",
-            [],
-            |r| r.get(0),
-        )?;
-        let binding = match recorded.map(ApiOrigin) {
-            Some(recorded) if recorded == *base => return Ok(BaseUrlBinding::Same),
-            None if sent => BaseUrlBinding::Unrecorded,
-            None => BaseUrlBinding::New,
-            Some(from) if !sent => BaseUrlBinding::Unsent { from },
-            Some(from) if moved_from == Some(&from) => BaseUrlBinding::Moved { from },
-            Some(recorded) => {
-                // Dropping the transaction rolls it back: nothing is written.
-                return Err(JournalError::new(
-                    "another base URL",
-                    OtherBaseUrl::new(recorded, base.clone(), moved_from.cloned()),
-                ));
-            }
-        };
+        // Refused: dropping the transaction rolls it back, and nothing is written.
+        let binding = base_url_binding(&tx, base, moved_from)?;
+        if binding == BaseUrlBinding::Same {
+            return Ok(binding);
+        }
         mark(&tx, BASE_URL_KEY, base.as_str())?;
         tx.commit()?;
         self.fold_if_long(&conn);
         Ok(binding)
+    }
+
+    /// What [`bind_base_url`](Self::bind_base_url) would find for `base` and `moved_from`,
+    /// writing nothing: a run refused after this check (a listener it cannot bind, say) leaves
+    /// the journal as it was. The journal is this process's alone while it is open, so the
+    /// binding that follows finds the same.
+    ///
+    /// # Errors
+    ///
+    /// As [`bind_base_url`](Self::bind_base_url)'s.
+    pub fn check_base_url(
+        &self,
+        base: &ApiOrigin,
+        moved_from: Option<&ApiOrigin>,
+    ) -> Result<BaseUrlBinding, JournalError> {
+        base_url_binding(&self.lock(), base, moved_from)
     }
 
     /// One job's record.
@@ -2942,6 +2983,49 @@ mod tests {
         );
         assert_eq!(earlier.base_url().unwrap(), Some(a.clone()));
         assert!(earlier.bind_base_url(&b, None).is_err());
+    }
+
+    /// A job `not_submitted` for `1103` (no permission), its create and then its lookup both
+    /// refused so, may hold a task: an earlier attempt of that create, its answer lost, may
+    /// have made one before the permission was taken away (the run leaves it to Kling, which
+    /// refuses the same external id sent again there as a duplicate). Another base URL has no
+    /// such guard, and created the job again: such a journal is not one whose jobs were never
+    /// sent. Another code `not_submitted` (`1002`, a stop) is.
+    #[test]
+    fn a_job_refused_1103_after_a_lost_answer_keeps_the_journal_at_its_base_url() {
+        let parse = |url: &str| ApiOrigin::parse(url).unwrap();
+        let (a, b) = (
+            parse("http://127.0.0.1:4001"),
+            parse("http://127.0.0.1:4002"),
+        );
+        let (jobs, _) = parse_jobs("{\"id\":\"x\",\"prompt\":\"x\"}\n");
+        for (code, refused) in [(1103, true), (1002, false), (0, false)] {
+            let journal = Journal::open_in_memory().unwrap();
+            journal.register(&jobs).unwrap();
+            journal.bind_base_url(&a, None).unwrap();
+            journal
+                .transition("x", JobState::Creating, Update::default())
+                .unwrap();
+            journal
+                .transition(
+                    "x",
+                    JobState::NotSubmitted,
+                    Update::error(ErrorInfo::new(code, "refused", None)),
+                )
+                .unwrap();
+            // The check alone finds the same, and writes nothing.
+            let checked = journal.check_base_url(&b, None);
+            assert_eq!(checked.is_err(), refused, "{code}: {checked:?}");
+            assert_eq!(journal.base_url().unwrap().as_ref(), Some(&a), "{code}");
+            let bound = journal.bind_base_url(&b, None);
+            assert_eq!(bound.is_err(), refused, "{code}: {bound:?}");
+            let expected = if refused { &a } else { &b };
+            assert_eq!(
+                journal.base_url().unwrap().as_ref(),
+                Some(expected),
+                "{code}"
+            );
+        }
     }
 
     #[test]

@@ -189,6 +189,11 @@ fn the_debug_of_options_and_engine_shows_no_secret_of_the_callback_url() {
         ),
         ("https://cb.example/hooks/kling?t=HOOK TOKEN", "<redacted>"),
         ("HOOKTOKEN", "<redacted>"),
+        // A `/` in the password: read as host `hook`, port 443, path `/HOOKPASSWORD@…`.
+        (
+            "https://hook:443/HOOKPASSWORD@cb.example/hooks",
+            "<redacted>",
+        ),
     ];
     for (url, expected) in cases {
         let options = RunOptions::new(default_follow_policy(1.0)).callback_url(url);

@@ -937,3 +937,103 @@ async fn a_refused_run_leaves_no_download_folder_nor_new_journal_behind() {
         "{stderr}"
     );
 }
+
+/// A run refused for a listener it cannot bind (`--metrics-addr` or `--callback-listen` on a
+/// port in use, or on an address not on this machine) leaves nothing behind either: with a
+/// new journal, it made the journal first (it recorded the run's base URL, too) and left it;
+/// with a journal already there, it recorded that run's base URL in it (one of an earlier
+/// version, or whose jobs were never sent, or named by `--base-url-moved-from`), so that the
+/// next run, sent where the jobs were, was refused as sent elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_refused_for_a_listener_leaves_no_journal_nor_base_url_behind() {
+    use kling_batch::journal::{ApiOrigin, JobState, Journal, Update};
+
+    let dir = temp_dir("refused-listener");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, "{\"id\":\"a\",\"prompt\":\"one\"}\n").unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let files = dir.join("files");
+    let listeners: [(&str, &str); 3] = [
+        ("--metrics-addr", &taken),
+        ("--callback-listen", &taken),
+        ("--metrics-addr", "192.0.2.1:9"),
+    ];
+    // A new journal.
+    let fresh = dir.join("fresh.sqlite");
+    for (option, addr) in listeners {
+        let mut cmd = refused_run(&jobs, &["--tier", "pro", option, addr]);
+        cmd.arg("--journal")
+            .arg(&fresh)
+            .arg("--download")
+            .arg(&files);
+        let output = finish(cmd).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{option} {addr}: {stderr}");
+        assert!(stderr.contains(&format!("{option}: ")), "{stderr}");
+        assert!(
+            !fresh.exists(),
+            "{option} {addr}: no journal made: {stderr}"
+        );
+        assert!(!files.exists(), "{option} {addr}: no folder made: {stderr}");
+    }
+    // Journals there: one of an earlier version, its job created (no base URL recorded); one
+    // whose job was never sent, at another base URL; one sent elsewhere, named as moved.
+    let recorded = ApiOrigin::parse("http://127.0.0.1:4001").unwrap();
+    let journal_at = |name: &str, state: JobState, base: Option<&ApiOrigin>| {
+        let path = dir.join(name);
+        let journal = Journal::open(&path).unwrap();
+        let (parsed, _) = kling_batch::jobs::parse_jobs("{\"id\":\"a\",\"prompt\":\"one\"}\n");
+        journal.register(&parsed).unwrap();
+        if let Some(base) = base {
+            journal.bind_base_url(base, None).unwrap();
+        }
+        if state != JobState::Queued {
+            journal
+                .transition("a", JobState::Creating, Update::default())
+                .unwrap();
+            journal.transition("a", state, Update::task("t1")).unwrap();
+        }
+        path
+    };
+    let cases = [
+        (
+            journal_at("earlier.sqlite", JobState::Created, None),
+            vec![],
+        ),
+        (
+            journal_at("unsent.sqlite", JobState::Queued, Some(&recorded)),
+            vec![],
+        ),
+        (
+            journal_at("moved.sqlite", JobState::Created, Some(&recorded)),
+            vec!["--base-url-moved-from", "http://127.0.0.1:4001"],
+        ),
+    ];
+    for (path, moved) in cases {
+        let before = Journal::open(&path).unwrap().base_url().unwrap();
+        for (option, addr) in listeners {
+            let mut args = vec!["--tier", "pro", option, addr];
+            args.extend(&moved);
+            let mut cmd = refused_run(&jobs, &args);
+            cmd.arg("--journal")
+                .arg(&path)
+                .arg("--download")
+                .arg(&files);
+            let output = finish(cmd).await;
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{path:?} {option}: {stderr}");
+            assert!(stderr.contains(&format!("{option}: ")), "{stderr}");
+            assert!(
+                !stderr.contains("now"),
+                "{path:?} {option}: no note: {stderr}"
+            );
+            let after = Journal::open(&path).unwrap().base_url().unwrap();
+            assert_eq!(after, before, "{path:?} {option}: {stderr}");
+            assert!(
+                !files.exists(),
+                "{path:?} {option}: no folder made: {stderr}"
+            );
+        }
+    }
+}
