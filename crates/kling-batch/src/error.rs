@@ -371,8 +371,15 @@ fn cut_url(url: &str) -> String {
 
 /// A URL the user gave, as an error names it: [`shown`] when it reads as one; else (a space
 /// in its token, no scheme) cut at its query or fragment and without the user info before an
-/// `@`, which may hold a password or a token. The second value says whether anything was cut.
+/// `@`, which may hold a password or a token. One with an `@` outside the user info `http`
+/// reads (a `/`, `?` or `#` in a password ends the host there, so the rest of the password
+/// reads as a path) is named by its scheme alone. The second value says whether anything was
+/// cut.
 pub(crate) fn shown_url(url: &str) -> (std::borrow::Cow<'_, str>, bool) {
+    if !at_signs_in_user_info(url) {
+        let scheme = url.find("://").map_or("", |at| &url[..at + "://".len()]);
+        return (format!("{scheme}…").into(), true);
+    }
     let text = match url.parse::<http::Uri>() {
         Ok(uri) if uri.scheme().is_some() && uri.host().is_some() => shown(url),
         _ => cut_url(url).into(),
@@ -381,19 +388,30 @@ pub(crate) fn shown_url(url: &str) -> (std::borrow::Cow<'_, str>, bool) {
     (text, cut)
 }
 
+/// Whether every `@` of `url` is in its authority, as `http` reads it (or, for a text it
+/// cannot read, up to the first `/` after the scheme, as [`cut_url`] reads it): a `/`, `?` or
+/// `#` in a password ends the host there (`https://kb:443/pass@proxy` reads as host `kb`, port
+/// 443 and path `/pass@proxy`), so an `@` past the authority may follow a piece of a password.
+fn at_signs_in_user_info(url: &str) -> bool {
+    let at_signs = |text: &str| text.matches('@').count();
+    let in_authority = match url.parse::<http::Uri>() {
+        Ok(uri) => uri.authority().map_or(0, |a| at_signs(a.as_str())),
+        Err(_) => {
+            let rest = url.find("://").map_or(url, |at| &url[at + "://".len()..]);
+            at_signs(&rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())])
+        }
+    };
+    in_authority == at_signs(url)
+}
+
 /// A URL as a `Debug` output shows it: `scheme://host[:port]/path` (no user info, query or
 /// fragment, which may hold a password or a token), or `<redacted>` when it cannot be read as
 /// such a URL, or has an `@` outside the user info `http` reads: a `/`, `?` or `#` in a
 /// password ends the host there (`https://kb:443/pass@proxy` reads as host `kb`, port 443 and
 /// path `/pass@proxy`), and the rest of the password would be shown as a path.
 pub(crate) fn redacted_url(url: &str) -> std::borrow::Cow<'_, str> {
-    let at_signs = |text: &str| text.matches('@').count();
     match url.parse::<http::Uri>() {
-        Ok(uri)
-            if uri.scheme().is_some()
-                && uri.host().is_some()
-                && uri.authority().map_or(0, |a| at_signs(a.as_str())) == at_signs(url) =>
-        {
+        Ok(uri) if uri.scheme().is_some() && uri.host().is_some() && at_signs_in_user_info(url) => {
             shown(url)
         }
         _ => "<redacted>".into(),
@@ -459,5 +477,38 @@ mod tests {
         // A path is still shown as it is, `?` and `#` included.
         let path = DownloadError::new("/tmp/out?#/0.part", std::io::Error::other("full"));
         assert_eq!(path.to_string(), "download of /tmp/out?#/0.part: full");
+    }
+
+    /// A URL the user gave whose password holds a `/`, `?` or `#` reads as a host, a port and
+    /// a path that holds the rest of the password: an error named it so.
+    #[test]
+    fn a_url_whose_password_ends_its_host_early_is_named_by_its_scheme_alone() {
+        for url in [
+            "ftp://kb:443/HUNTER2@proxy/hooks",
+            "https://kb:443/HUNTER2@proxy/hooks",
+            "https://kb/HUNTER2@proxy",
+            "https://kb:HUN/TER2@proxy",
+            "https://kb:HUN TER2/x@proxy",
+            "https://kb/HUNTER2@proxy with a space",
+        ] {
+            let (text, cut) = shown_url(url);
+            assert!(
+                !text.contains("HUNTER2") && !text.contains("TER2"),
+                "{url}: {text}"
+            );
+            assert!(cut, "{url}");
+        }
+        assert_eq!(shown_url("ftp://kb:443/HUNTER2@proxy").0, "ftp://…");
+        // Still named as before: user info `http` reads, and a URL with no `@`.
+        assert_eq!(
+            shown_url("https://kb:pw@proxy.example/hooks?k=1"),
+            ("https://proxy.example/hooks".into(), true)
+        );
+        assert_eq!(
+            shown_url("ftp://proxy.example/hooks"),
+            ("ftp://proxy.example/hooks".into(), false)
+        );
+        let refused = crate::callbacks::callback_path("ftp://kb:443/HUNTER2@proxy").unwrap_err();
+        assert!(!refused.to_string().contains("HUNTER2"), "{refused}");
     }
 }
