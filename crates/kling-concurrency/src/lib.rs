@@ -59,7 +59,8 @@
 //! Through the `metrics` facade, with the names of [`kling_core::metrics`]:
 //! `SLOTS_IN_USE`, `SLOTS_CAPACITY`, `SLOTS_WAITERS` (gauges per account and pool; handles are
 //! registered when a pool is first used, and moved by differences, so pools sharing a label add
-//! up and a pool that is gone leaves it), `SLOTS_WAIT` (creates that waited), `TASK_LIFETIME`
+//! up and a pool that is gone leaves it; the in-process backend moves them once its lock is
+//! released, never under it), `SLOTS_WAIT` (creates that waited), `TASK_LIFETIME`
 //! and `TASKS_FINISHED` (status `succeeded`, `failed`, `completed` or `expired`). The `pool`
 //! label is [`kling_core::metrics::pool_label`]: a model's pool past the first 60 a process
 //! labels shares `video:other` (or `image:other`, `try-on:other`).

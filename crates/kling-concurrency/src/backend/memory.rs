@@ -1,11 +1,14 @@
 //! The in-process backend: one mutex-guarded map, a synchronous fast path, FIFO hand-off.
 
+use std::any::Any;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{Future, Ready, ready};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -47,6 +50,12 @@ use crate::id::SmallId;
 /// [`snapshot`](SlotBackend::snapshot). Other changes (holds, reports, give-backs) do not, so
 /// that keeping and reporting a task read no clock: a pool nobody creates in or snapshots shows
 /// an expired task's slots in its `in_use` gauge until one does.
+///
+/// Nothing is recorded or logged under the lock: a change computes what its pool's gauges are
+/// to show, and the thread that made it moves them (and counts finished tasks, and writes
+/// warnings) once the lock is released, so a slow metrics recorder or subscriber holds up no
+/// other create or query, and one that calls the backend back does not deadlock. A grant is
+/// counted until its reservation comes back once: one that no grant holds frees no slot.
 ///
 /// # Clone
 ///
@@ -97,7 +106,7 @@ impl InProcess {
 
     /// Counts a halt once it is in place (`halt`: the change applied is one), when the guard
     /// is dropped: after the change, also when it unwinds (a metrics recorder panicking once
-    /// the halt was filed), so creates granted before it are still refused below.
+    /// the lock is released), so creates granted before it are still refused below.
     #[inline]
     fn halted(&self, halt: bool) -> CountHalt<'_> {
         CountHalt(halt.then_some(&*self.halts))
@@ -670,15 +679,19 @@ impl Entry {
     }
 }
 
-/// The first slot of one lane's list of vacant slots, chained through [`Entry::next`]; alone
-/// on its cache lines, so that each thread writes only its own. A thread's lane
-/// ([`lanes::current`]) picks the list it takes vacant slots from and puts the slots it frees
-/// on; threads beyond [`LANES`] share lanes, which is still correct: every list is only touched
-/// under the lock.
+/// The first slot of one lane's list of vacant slots, chained through [`Entry::next`], and
+/// the grants the lane's thread handed out; alone on its cache lines, so that each thread
+/// writes only its own. A thread's lane ([`lanes::current`]) picks the list it takes vacant
+/// slots from and puts the slots it frees on; threads beyond [`LANES`] share lanes, which is
+/// still correct: every list is only touched under the lock.
 #[repr(align(128))]
-#[derive(Clone, Copy)]
 struct FreeList {
     head: usize,
+    /// Grants handed out on this lane and not yet handed back (token and weight; none of
+    /// weight 0): only a reservation of one of them frees slots ([`PoolState::settle`]). A
+    /// create is usually settled by the thread that was granted it, which finds it here, on
+    /// lines of its own.
+    grants: Vec<(u64, u32)>,
 }
 
 /// Which of a holding's ids an [`Index`] maps.
@@ -1090,9 +1103,9 @@ struct PoolState {
     /// Slots believed held by someone else after a 1303.
     hidden: u32,
     configured: u32,
-    /// What the three gauges were last set to (in use, capacity, waiters): a gauge is set only
-    /// when its value changed, so the layer's create and query leave the capacity and waiters
-    /// gauges (shared metric state a recorder keeps) untouched.
+    /// What the three gauges were last told to show (in use, capacity, waiters): a gauge is
+    /// moved only when its value changed, so the layer's create and query leave the capacity
+    /// and waiters gauges (shared metric state a recorder keeps) untouched.
     shown: (u32, u32, usize),
     /// Live holdings.
     tasks: usize,
@@ -1129,15 +1142,17 @@ struct PoolState {
     /// Waiters refused because a lowered capacity is below their weight, with that capacity,
     /// until they pick the refusal up.
     refused: Vec<(u64, u32)>,
-    /// The vacant slots of `holdings`, one free list per thread lane ([`FreeList`]).
+    /// The vacant slots of `holdings`, and the grants handed out, per thread lane
+    /// ([`FreeList`]).
     free: [FreeList; LANES],
 }
 
+/// A pool's metric handles. Registered under the lock (once per pool, and per status of the
+/// finished-task metrics); recorded only once it is released ([`Record`]).
 struct Gauges {
     labels: [(&'static str, String); 2],
-    in_use: metrics::Gauge,
-    capacity: metrics::Gauge,
-    waiters: metrics::Gauge,
+    /// The pool's gauges, shared with the records waiting to move them.
+    shown: Arc<Shown>,
     /// Finished-task metrics by status, registered on first use.
     finished: Vec<(String, metrics::Counter, metrics::Histogram)>,
     /// Where in `finished` the usual reasons are ([`Why::known`]), once registered.
@@ -1145,12 +1160,8 @@ struct Gauges {
 }
 
 impl Gauges {
+    /// Counts a task that finished, once the lock is released.
     fn finished(&mut self, why: Why<'_>, held_for: Duration) {
-        // Also a release in a drop while the thread unwinds (see `move_gauge`).
-        call_recorder(|| self.count_finished(why, held_for));
-    }
-
-    fn count_finished(&mut self, why: Why<'_>, held_for: Duration) {
         // The usual reasons are found by number, the others by their label.
         let known = why.known();
         let i = match known.and_then(|k| self.known[k]) {
@@ -1158,8 +1169,8 @@ impl Gauges {
             None => self.register(why.label(), known),
         };
         let (_, counter, histogram) = &self.finished[i];
-        counter.increment(1);
-        histogram.record(held_for.as_secs_f64());
+        let lifetime = held_for.as_secs_f64();
+        finished_later((counter.clone(), histogram.clone(), lifetime));
     }
 
     /// The index in `finished` of the metrics labelled `status`, registered if new.
@@ -1314,30 +1325,463 @@ struct State {
     displaced: usize,
 }
 
-/// Moves `gauge` from `from` to `to` (integers, exact in an `f64`); whether it did.
+/// Moves `gauge` by `by` (an integer, exact in an `f64`); whether it did.
 ///
-/// This runs in drops too (a pool's, a waiter's, a grant given back by a future dropped in a
-/// panic): while the thread unwinds, a metrics recorder's panic is caught
-/// ([`call_recorder`]), and the caller keeps showing `from`, so the next move catches up.
-fn move_gauge(gauge: &metrics::Gauge, from: f64, to: f64) -> bool {
+/// This runs in drops too (a waiter's, a grant given back by a future dropped in a panic):
+/// while the thread unwinds, a metrics recorder's panic is caught ([`call_recorder`]), and the
+/// caller owes the move, so the next record makes it.
+fn move_gauge(gauge: &metrics::Gauge, by: i64) -> bool {
     call_recorder(|| {
-        if to > from {
-            gauge.increment(to - from);
+        if by > 0 {
+            gauge.increment(by as f64);
         } else {
-            gauge.decrement(from - to);
+            gauge.decrement(-by as f64);
         }
     })
 }
 
-impl Drop for PoolState {
-    /// Takes what the pool showed back out of its gauges: a pool that made way for another
-    /// (or whose backend is gone) no longer counts in them.
-    fn drop(&mut self) {
-        let (in_use, capacity, waiters) = self.shown;
-        move_gauge(&self.gauges.in_use, in_use as f64, 0.0);
-        move_gauge(&self.gauges.capacity, capacity as f64, 0.0);
-        move_gauge(&self.gauges.waiters, waiters as f64, 0.0);
+/// A pool's three gauges (in use, capacity, waiters), shared by the pool and by the
+/// [`Record`]s of its changes.
+///
+/// Moved once the backend's lock is released, never under it: a slow recorder (a blocked
+/// exporter, a log of every move) would hold up every create and query of every pool, and one
+/// that reads the limiter from a record (a snapshot) would deadlock on the lock. Under the lock
+/// a change computes each gauge's move from what the pool told it last (`PoolState::shown`),
+/// and the record makes the move after: moves add up whatever order threads make them in, so a
+/// gauge ends exact (a scrape between two changes' records may see them in either order), and
+/// the pools that share a series (`video:other`) add up in it. A move a recorder panics at is
+/// owed, and made with the pool's next record.
+struct Shown {
+    /// Moves told and not made (a recorder panicked at them).
+    owed: [AtomicI64; 3],
+    gauges: [metrics::Gauge; 3],
+}
+
+impl Shown {
+    /// Moves each gauge by `by`, and by what it owes.
+    #[inline]
+    fn record(&self, mut by: [i64; 3]) {
+        // (Plain loads first: nothing is owed but after a panic, and a swap is a locked write.)
+        if self
+            .owed
+            .iter()
+            .any(|owed| owed.load(Ordering::Acquire) != 0)
+        {
+            for (by, owed) in by.iter_mut().zip(&self.owed) {
+                *by += owed.swap(0, Ordering::AcqRel);
+            }
+        }
+        let mut moving = Moving {
+            shown: self,
+            by,
+            next: 0,
+        };
+        while moving.next < 3 {
+            let by = moving.by[moving.next];
+            if by != 0 && !move_gauge(&self.gauges[moving.next], by) {
+                // Caught while the thread unwinds: owed, with the rest.
+                return;
+            }
+            moving.next += 1;
+        }
     }
+}
+
+/// The moves of one [`Shown::record`] from `next` on, owed unless it makes them (a recorder
+/// panicked at the one at `next`).
+struct Moving<'a> {
+    shown: &'a Shown,
+    by: [i64; 3],
+    next: usize,
+}
+
+impl Drop for Moving<'_> {
+    fn drop(&mut self) {
+        for which in self.next..3 {
+            if self.by[which] != 0 {
+                self.shown.owed[which].fetch_add(self.by[which], Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+impl Drop for Shown {
+    /// Makes what the pool's gauges still owe, the pool gone (its record was its last
+    /// reference, or the whole backend went).
+    fn drop(&mut self) {
+        let owed = self
+            .owed
+            .each_mut()
+            .map(|owed| std::mem::take(owed.get_mut()));
+        if owed != [0; 3] {
+            self.record(owed);
+        }
+    }
+}
+
+impl Drop for PoolState {
+    /// Takes what the pool told its gauges back out of them: a pool whose backend is gone no
+    /// longer counts in them. (One that makes way for another is taken out once the lock is
+    /// released: see [`State::index_by_hash`].)
+    fn drop(&mut self) {
+        let (in_use, capacity, waiters) = std::mem::take(&mut self.shown);
+        if (in_use, capacity, waiters) != (0, 0, 0) {
+            let by = [-i64::from(in_use), -i64::from(capacity), -(waiters as i64)];
+            self.gauges.shown.record(by);
+        }
+    }
+}
+
+/// A metric, or a log line, that a change made under the backend's lock leaves to be recorded
+/// once the lock is released (see [`Shown`]), by the thread that made it, before its call
+/// returns ([`after_unlock`]).
+enum Record {
+    /// A pool's gauges move (in use, capacity, waiters) by what its changes told them.
+    Pool(Arc<Shown>, [i64; 3]),
+    /// A task finished: counted, and its lifetime recorded.
+    Finished(metrics::Counter, metrics::Histogram, f64),
+    /// A reservation that no grant of the backend's holds now was handed back: ignored.
+    Stale(StaleReservation),
+}
+
+impl Record {
+    /// Makes the record; while the thread unwinds, a panic of the recorder or subscriber is
+    /// caught ([`call_recorder`]).
+    fn make(self) {
+        match self {
+            Record::Pool(shown, by) => shown.record(by),
+            Record::Finished(counter, histogram, lifetime) => {
+                count_finished((counter, histogram, lifetime));
+            }
+            Record::Stale(stale) => {
+                call_recorder(|| stale.warn());
+            }
+        }
+    }
+}
+
+/// A reservation handed back (given back, kept, or refused by the server) that no grant of the
+/// backend holds: given back or kept already (a stale copy: [`Reservation`] is plain data), of
+/// another pool, account or backend, or made up. It frees no slot, so that no create gets in
+/// past the pool's limit, and is logged as the caller's error.
+struct StaleReservation {
+    change: &'static str,
+    key: SlotKey,
+    weight: u32,
+    token: u64,
+}
+
+impl StaleReservation {
+    fn warn(&self) {
+        tracing::warn!(
+            account = %self.key.account,
+            pool = %self.key.pool,
+            weight = self.weight,
+            token = self.token,
+            change = self.change,
+            "a reservation no grant holds was handed back (settled already, of another pool \
+             or backend, or made up): it frees no slot"
+        );
+    }
+}
+
+/// Logs `reservation`, handed back by `change` and held by no grant, once the lock is
+/// released.
+#[cold]
+#[inline(never)]
+fn stale(reservation: &Reservation, change: &'static str) {
+    record_later(Record::Stale(StaleReservation {
+        change,
+        key: reservation.key.clone(),
+        weight: reservation.weight,
+        token: reservation.token,
+    }));
+}
+
+/// What a thread left to record once it releases the lock.
+struct Pending {
+    /// The gauges of the pool the thread recorded last, kept for its next changes: while a
+    /// thread keeps to a pool, its changes add their moves to `by` (no record made, no
+    /// reference count written). Dropped only once the lock is released, as a pool's last
+    /// reference may be.
+    last: Option<Arc<Shown>>,
+    /// The moves of `last`'s gauges left to make (none without `last`).
+    by: [i64; 3],
+    /// A task that finished (the usual query ends one): its count and lifetime.
+    finished: Option<Finished>,
+    /// The other records ([`Record`]).
+    records: Vec<Record>,
+}
+
+/// A finished task's counter and lifetime histogram (of its pool and status), and its lifetime.
+type Finished = (metrics::Counter, metrics::Histogram, f64);
+
+/// Counts `finished`, once the lock is released.
+#[inline]
+fn finished_later(finished: Finished) {
+    let mut finished = Some(finished);
+    let _ = PENDING.try_with(|pending| {
+        if let Ok(mut pending) = pending.try_borrow_mut()
+            && pending.finished.is_none()
+        {
+            pending.finished = finished.take();
+        }
+    });
+    match finished {
+        None => left(),
+        Some((counter, histogram, lifetime)) => {
+            record_later(Record::Finished(counter, histogram, lifetime));
+        }
+    }
+}
+
+/// Counts a finished task; while the thread unwinds, a recorder's panic is caught.
+fn count_finished((counter, histogram, lifetime): Finished) {
+    call_recorder(|| {
+        counter.increment(1);
+        histogram.record(lifetime);
+    });
+}
+
+impl Drop for Pending {
+    /// The thread is going: what it left is made (its panics caught).
+    fn drop(&mut self) {
+        let by = std::mem::take(&mut self.by);
+        let (last, records) = (self.last.take(), std::mem::take(&mut self.records));
+        let finished = self.finished.take();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Some(last) = last {
+                last.record(by);
+            }
+            if let Some(finished) = finished {
+                count_finished(finished);
+            }
+            each_completing(records.into_iter(), Record::make);
+        }));
+    }
+}
+
+thread_local! {
+    static PENDING: RefCell<Pending> = const {
+        RefCell::new(Pending {
+            last: None,
+            by: [0; 3],
+            finished: None,
+            records: Vec::new(),
+        })
+    };
+    /// The records of a backend call made while this thread makes its pending moves (a
+    /// recorder that calls the backend back), made as that call returns.
+    static REENTERED: RefCell<Vec<Record>> = const { RefCell::new(Vec::new()) };
+    /// Whether the thread left anything to record since it last made its records: a call
+    /// that changed nothing shown (a task kept, a lease renewed) looks no further. (No
+    /// destructor: read without a check of the thread's state.)
+    static LEFT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Notes that the thread left something to record ([`LEFT`]).
+#[inline(always)]
+fn left() {
+    LEFT.with(|left| left.set(true));
+}
+
+/// Leaves `record` to be made once the lock is released.
+fn record_later(record: Record) {
+    let mut record = Some(record);
+    let _ = PENDING.try_with(|pending| {
+        if let Ok(mut pending) = pending.try_borrow_mut() {
+            pending.records.extend(record.take());
+        }
+    });
+    left();
+    if record.is_some() {
+        reentered(record);
+    }
+}
+
+/// Leaves `record` for [`REENTERED`]: the thread is making its pending moves, and a recorder
+/// called the backend.
+#[cold]
+#[inline(never)]
+fn reentered(mut record: Option<Record>) {
+    left();
+    let _ = REENTERED.try_with(|records| {
+        if let Ok(mut records) = records.try_borrow_mut() {
+            records.extend(record.take());
+        }
+    });
+    if let Some(record) = record {
+        // The thread is going (its locals are gone): made now, a panic caught.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| record.make()));
+    }
+}
+
+/// Leaves the gauges of `shown` to move by `by` once the lock is released.
+#[inline(always)]
+fn record_pool_later(shown: &Arc<Shown>, by: [i64; 3]) {
+    let queued = PENDING.try_with(|pending| {
+        let Ok(mut pending) = pending.try_borrow_mut() else {
+            return false;
+        };
+        let pending = &mut *pending;
+        match &pending.last {
+            Some(last) if Arc::ptr_eq(last, shown) => {
+                for (total, by) in pending.by.iter_mut().zip(by) {
+                    *total += by;
+                }
+            }
+            _ => pending.records.push(Record::Pool(shown.clone(), by)),
+        }
+        true
+    });
+    left();
+    if !matches!(queued, Ok(true)) {
+        reentered(Some(Record::Pool(shown.clone(), by)));
+    }
+}
+
+/// A panic caught, to go on once the rest is done.
+type Panic = Box<dyn Any + Send>;
+
+/// Makes what this thread left to record ([`Pending`]): every record, even when one panics,
+/// and then the first panic goes on. Call it without the lock.
+///
+/// Made in place, the thread's records borrowed: a recorder that calls the backend back
+/// leaves that call's records apart ([`REENTERED`]), made as it returns.
+#[inline]
+fn record_pending() {
+    if !LEFT.with(|left| left.replace(false)) {
+        return;
+    }
+    let called_back = PENDING.try_with(|pending| {
+        let Ok(mut pending) = pending.try_borrow_mut() else {
+            return true;
+        };
+        let Pending {
+            last,
+            by,
+            finished,
+            records,
+        } = &mut *pending;
+        let moves = std::mem::take(by);
+        let (finished, more) = (finished.take(), !records.is_empty());
+        let shown = last.as_deref().filter(|_| moves != [0; 3]);
+        // The moves are made as this is dropped: after the count, or should the count panic.
+        let moving = MoveOnDrop(shown, moves);
+        if !more {
+            // The usual: a create's move, a task's end and its move.
+            if let Some(finished) = finished {
+                count_finished(finished);
+            }
+            return false;
+        }
+        // Every one made even should one panic (what a gauge did not make is owed, and made
+        // with the pool's next moves).
+        let made = std::panic::AssertUnwindSafe(|| {
+            if let Some(finished) = finished {
+                count_finished(finished);
+            }
+            drop(moving);
+        });
+        let first = std::panic::catch_unwind(made).err();
+        make_records(records, last, *by);
+        if let Some(panic) = first {
+            std::panic::resume_unwind(panic);
+        }
+        false
+    });
+    if called_back == Ok(true) {
+        make_reentered();
+    }
+}
+
+/// Makes the moves of a pool's gauges when dropped (also in a panic: see [`move_gauge`]).
+struct MoveOnDrop<'a>(Option<&'a Shown>, [i64; 3]);
+
+impl Drop for MoveOnDrop<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(shown) = self.0 {
+            shown.record(self.1);
+        }
+    }
+}
+
+/// Makes `records` (a thread's changes of another pool than the last, finished tasks, stale
+/// reservations) in place, every one even should one panic; the gauges of the last pool among
+/// them become the thread's `last` unless it has moves left to make (`by`).
+#[inline(never)]
+fn make_records(records: &mut Vec<Record>, last: &mut Option<Arc<Shown>>, by: [i64; 3]) {
+    each_completing(records.drain(..), |record| match record {
+        Record::Pool(shown, moves) => {
+            shown.record(moves);
+            if by == [0; 3] {
+                // (One it replaces goes here, the lock released: it may be a gone pool's
+                // last.)
+                *last = Some(shown);
+            }
+        }
+        record => record.make(),
+    });
+}
+
+/// Makes the records of a call made back by a recorder ([`REENTERED`]).
+#[cold]
+#[inline(never)]
+fn make_reentered() {
+    let records = REENTERED.try_with(|records| {
+        let mut records = records.try_borrow_mut().ok()?;
+        (!records.is_empty()).then(|| std::mem::take(&mut *records))
+    });
+    if let Ok(Some(records)) = records {
+        each_completing(records.into_iter(), Record::make);
+    }
+}
+
+/// Once the lock is released: writes the warnings of the leases that ran out and makes the
+/// records left under it. Should one panic (a subscriber's, a recorder's), the others are
+/// still made, `on_panic` runs (what the caller took under the lock, a create's grant, is
+/// plain data, and would be lost with its slots), and the first panic goes on; while the
+/// thread already unwinds, a second panic would abort, so they are caught, and `on_panic`
+/// does not run (the caller keeps what it took).
+#[inline]
+fn after_unlock(ran_out: &[LeaseRanOut], on_panic: impl FnOnce()) {
+    let warned = if ran_out.is_empty() {
+        None
+    } else {
+        warn_leases_ran_out(ran_out)
+    };
+    let mut guard = OnPanic(Some(on_panic));
+    record_pending();
+    let on_panic = guard.0.take();
+    if let (Some(panic), Some(on_panic)) = (warned, on_panic) {
+        go_on(panic, on_panic);
+    }
+}
+
+/// Runs its closure if dropped in a panic ([`after_unlock`]: one of the records'; while the
+/// thread already unwinds, they catch theirs).
+struct OnPanic<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnPanic<F> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(on_panic) = self.0.take()
+            && std::thread::panicking()
+        {
+            on_panic();
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn go_on(panic: Panic, on_panic: impl FnOnce()) {
+    if std::thread::panicking() {
+        return;
+    }
+    on_panic();
+    std::panic::resume_unwind(panic);
 }
 
 impl PoolState {
@@ -1352,7 +1796,18 @@ impl PoolState {
                 names::pool_label(Some(&key.pool)).to_owned(),
             ),
         ];
-        let pool = PoolState {
+        // Nothing hidden, in use or waiting yet: the capacity is shown once the lock is
+        // released (the gauges move by differences, so that pools sharing a label add up).
+        let shown = Arc::new(Shown {
+            owed: [0, 0, 0].map(AtomicI64::new),
+            gauges: [
+                metrics::gauge!(names::SLOTS_IN_USE, &labels),
+                metrics::gauge!(names::SLOTS_CAPACITY, &labels),
+                metrics::gauge!(names::SLOTS_WAITERS, &labels),
+            ],
+        });
+        record_pool_later(&shown, [0, i64::from(configured), 0]);
+        PoolState {
             key: key.clone(),
             configured,
             hidden: 0,
@@ -1366,23 +1821,20 @@ impl PoolState {
             granted: Vec::new(),
             refused: Vec::new(),
             holdings: Vec::new(),
-            free: [FreeList { head: NONE }; LANES],
+            free: std::array::from_fn(|_| FreeList {
+                head: NONE,
+                grants: Vec::new(),
+            }),
             tasks: 0,
             next_lease: None,
-            // Nothing hidden, in use or waiting yet.
             shown: (0, configured, 0),
             gauges: Gauges {
-                in_use: metrics::gauge!(names::SLOTS_IN_USE, &labels),
-                capacity: metrics::gauge!(names::SLOTS_CAPACITY, &labels),
-                waiters: metrics::gauge!(names::SLOTS_WAITERS, &labels),
+                shown,
                 finished: Vec::new(),
                 known: [None; 4],
                 labels,
             },
-        };
-        // The gauges move by differences, so that pools sharing a label (`video:other`) add up.
-        pool.gauges.capacity.increment(f64::from(configured));
-        pool
+        }
     }
 
     fn capacity(&self) -> u32 {
@@ -1393,19 +1845,60 @@ impl PoolState {
         self.capacity().saturating_sub(self.in_use)
     }
 
-    /// Takes `weight` slots if they are free and nobody waits ahead; whether it did.
-    ///
-    /// The gauge moves first: a metrics recorder that panics there unwinds with nothing taken,
-    /// where slots counted in use for a grant nobody received would be lost for good.
+    /// Takes `weight` slots as the grant of `token` if they are free and nobody waits ahead;
+    /// whether it did. (The gauge moves once the lock is released: should the recorder panic
+    /// then, the caller gives the grant back, see [`after_unlock`].)
     #[inline(always)]
-    fn grant_at_once(&mut self, weight: u32) -> bool {
+    fn grant_at_once(&mut self, weight: u32, token: u64) -> bool {
         if self.queue.is_empty() && self.free() >= weight {
-            let in_use = self.in_use + weight;
-            if move_gauge(&self.gauges.in_use, self.shown.0 as f64, in_use as f64) {
-                self.shown.0 = in_use;
-            }
-            self.in_use = in_use;
+            self.in_use += weight;
+            self.granted_to(token, weight);
+            self.show_in_use();
             return true;
+        }
+        false
+    }
+
+    /// Notes the grant of `token`, of `weight` slots counted in use, as handed out (on this
+    /// thread's lane).
+    #[inline(always)]
+    fn granted_to(&mut self, token: u64, weight: u32) {
+        if weight > 0 {
+            self.free[lanes::current()].grants.push((token, weight));
+        }
+    }
+
+    /// Takes the grant of `reservation` (whose key named this pool) off those handed out:
+    /// whether it was one, and so whether its slots may go back or be kept under a task. A
+    /// grant of no slots counts nothing either way.
+    #[inline(always)]
+    fn settle(&mut self, reservation: &Reservation) -> bool {
+        let grant = (reservation.token, reservation.weight);
+        if grant.1 == 0 {
+            return true;
+        }
+        // Usually on this thread's lane (the thread that was granted it), and the oldest
+        // there: creates are answered about in the order they were granted.
+        let lane = lanes::current();
+        let grants = &mut self.free[lane].grants;
+        if let Some(i) = grants.iter().position(|&g| g == grant) {
+            grants.swap_remove(i);
+            return true;
+        }
+        self.settle_elsewhere(lane, grant)
+    }
+
+    /// [`settle`](PoolState::settle) of a grant handed out on another lane than `lane`, or
+    /// none.
+    #[cold]
+    fn settle_elsewhere(&mut self, lane: usize, grant: (u64, u32)) -> bool {
+        for (other, list) in self.free.iter_mut().enumerate() {
+            if other != lane
+                && let Some(i) = list.grants.iter().position(|&g| g == grant)
+            {
+                list.grants.swap_remove(i);
+                return true;
+            }
         }
         false
     }
@@ -1421,24 +1914,30 @@ impl PoolState {
             && self.refused.is_empty()
     }
 
-    /// Moves the gauges whose values changed since they were last moved, by the change: a
-    /// gauge shows the sum over the pools that share its labels (one, unless they share
-    /// [`other_model_label`](names::other_model_label)).
-    ///
-    /// Each gauge's shown value is set as it moves: should the recorder panic at the next one,
-    /// the next publish moves only what it did not.
+    /// Has the gauges whose values changed since they were last told moved, by the change,
+    /// once the lock is released ([`Shown`]): a gauge shows the sum over the pools that share
+    /// its labels (one, unless they share [`other_model_label`](names::other_model_label)).
     fn publish(&mut self) {
-        let (in_use, capacity, waiters) = (self.in_use, self.capacity(), self.waiting());
-        let shown = self.shown;
-        if shown.0 != in_use && move_gauge(&self.gauges.in_use, shown.0 as f64, in_use as f64) {
-            self.shown.0 = in_use;
+        let values = (self.in_use, self.capacity(), self.waiting());
+        let shown = std::mem::replace(&mut self.shown, values);
+        if values != shown {
+            let by = |value: u32, shown: u32| i64::from(value) - i64::from(shown);
+            let by = [
+                by(values.0, shown.0),
+                by(values.1, shown.1),
+                values.2 as i64 - shown.2 as i64,
+            ];
+            record_pool_later(&self.gauges.shown, by);
         }
-        if shown.1 != capacity && move_gauge(&self.gauges.capacity, shown.1 as f64, capacity as f64)
-        {
-            self.shown.1 = capacity;
-        }
-        if shown.2 != waiters && move_gauge(&self.gauges.waiters, shown.2 as f64, waiters as f64) {
-            self.shown.2 = waiters;
+    }
+
+    /// [`publish`](PoolState::publish) after a change of the slots in use only.
+    #[inline(always)]
+    fn show_in_use(&mut self) {
+        let shown = std::mem::replace(&mut self.shown.0, self.in_use);
+        if shown != self.in_use {
+            let by = i64::from(self.in_use) - i64::from(shown);
+            record_pool_later(&self.gauges.shown, [by, 0, 0]);
         }
     }
 
@@ -1622,6 +2121,7 @@ impl PoolState {
             return;
         }
         if self.take_grant(token).is_some() {
+            // (Never handed out: not among `grants`.)
             self.give_back(weight);
             return;
         }
@@ -1752,31 +2252,14 @@ struct LeaseRanOut {
 /// Says, for each of `ran_out`, that a task's slots went back because its lease ran out:
 /// nothing reported the task for a whole lease (no query, callback or listing), so it may
 /// still run on the server, and the freed slot may meet a `1303`. Usually a sign that tasks
-/// are not followed, or that the lease is shorter than they run. Call it without the lock.
-///
-/// Should the subscriber panic, `on_panic` runs before the panic goes on: what the caller took
-/// under the lock (a create's grant) is plain data, and would be lost with its slots.
-#[inline]
-fn warn_leases_ran_out(ran_out: &[LeaseRanOut], on_panic: impl FnOnce()) {
-    if !ran_out.is_empty() {
-        warn_each_lease_ran_out(ran_out, on_panic);
-    }
-}
-
+/// are not followed, or that the lease is shorter than they run. Call it without the lock
+/// ([`after_unlock`]); every one is written even when the subscriber panics at one, and the
+/// first panic is returned.
 #[cold]
 #[inline(never)]
-fn warn_each_lease_ran_out(ran_out: &[LeaseRanOut], on_panic: impl FnOnce()) {
+fn warn_leases_ran_out(ran_out: &[LeaseRanOut]) -> Option<Panic> {
     let warn_all = || each_completing(ran_out.iter(), warn_lease_ran_out);
-    let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(warn_all)) else {
-        return;
-    };
-    // As `call_recorder`: while the thread already unwinds, a second panic would abort, and
-    // the caller keeps what it took.
-    if std::thread::panicking() {
-        return;
-    }
-    on_panic();
-    std::panic::resume_unwind(panic);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(warn_all)).err()
 }
 
 fn warn_lease_ran_out(lease: &LeaseRanOut) {
@@ -1833,6 +2316,12 @@ impl State {
                 };
                 let i = match idle {
                     Some(i) => {
+                        // Its gauges are taken out once the lock is released (the record
+                        // holds them), not as it is dropped here.
+                        let idle = &mut self.list[i];
+                        let (in_use, capacity, waiters) = std::mem::take(&mut idle.shown);
+                        let by = [-i64::from(in_use), -i64::from(capacity), -(waiters as i64)];
+                        record_pool_later(&idle.gauges.shown, by);
                         let old = std::mem::replace(&mut self.list[i], fresh);
                         self.pools.remove(&old.key);
                         i
@@ -1854,6 +2343,77 @@ impl State {
     fn pool_mut(&mut self, key: &SlotKey) -> &mut PoolState {
         let i = self.index(key);
         &mut self.list[i]
+    }
+
+    /// The index of `key`'s pool, if there is one (none is made).
+    #[inline(always)]
+    fn pool_of(&self, key: &SlotKey) -> Option<usize> {
+        if self
+            .list
+            .get(self.last)
+            .is_some_and(|pool| same_key(&pool.key, key))
+        {
+            return Some(self.last);
+        }
+        self.pools.get(key).copied()
+    }
+
+    /// Grants `weight` slots of the pool at `index` under a new token if they are free and
+    /// nobody waits ahead; the token, if it did.
+    #[inline(always)]
+    fn grant_at_once(&mut self, index: usize, weight: u32) -> Option<u64> {
+        let token = self.next_token + 1;
+        if !self.list[index].grant_at_once(weight, token) {
+            return None;
+        }
+        self.next_token = token;
+        Some(token)
+    }
+
+    /// The pool of `reservation`, its grant taken off those handed out, when it is one of
+    /// them: its slots may go back, or be kept under a task. Else none (nothing counted for
+    /// it is still counted), and the `change` that handed it back is logged once the lock is
+    /// released; a reservation of no slots needs no grant.
+    #[inline(always)]
+    fn settle(&mut self, reservation: &Reservation, change: &'static str) -> Option<usize> {
+        let index = self.pool_of(&reservation.key);
+        if let Some(index) = index
+            && self.list[index].settle(reservation)
+        {
+            return Some(index);
+        }
+        if reservation.weight > 0 {
+            stale(reservation, change);
+        }
+        None
+    }
+
+    /// Files the holding of a create granted `reservation` ([`hold`](State::hold)): its slots
+    /// were counted in use when granted. For a reservation no grant holds (a stale copy,
+    /// settled already; of another pool; made up), nothing counted is still counted, and the
+    /// task may run all the same: its slots are counted now, so that its end frees what its
+    /// holding took, never a slot another create holds.
+    #[inline(always)]
+    fn hold_granted(
+        &mut self,
+        reservation: &Reservation,
+        mut holding: Holding,
+        out: Option<&mut Vec<Released>>,
+    ) {
+        if self.settle(reservation, "hold").is_none() {
+            self.count_held(&reservation.key, &mut holding);
+        }
+        self.hold(&reservation.key, holding, true, out);
+    }
+
+    /// Counts the slots of `holding` in use in `key`'s pool (a weight past what the count
+    /// holds is cut to it: the holding gives back what it added).
+    #[cold]
+    fn count_held(&mut self, key: &SlotKey, holding: &mut Holding) {
+        let pool = self.pool_mut(key);
+        holding.weight = holding.weight.min(u32::MAX - pool.in_use);
+        pool.in_use += holding.weight;
+        pool.publish();
     }
 
     fn token(&mut self) -> u64 {
@@ -2049,8 +2609,9 @@ impl State {
 
     /// The rest of [`hold`](State::hold) for a holding filed where earlier ones of the same
     /// task may be (under its ids, or displaced): each step runs even when one before it
-    /// panics (a metrics recorder, as an earlier attempt gives its slots back), so that no
-    /// earlier attempt, nor a task reported ended already, keeps its slots until its lease.
+    /// panics (nothing under the lock calls out: metrics are recorded once it is released), so
+    /// that no earlier attempt, nor a task reported ended already, keeps its slots until its
+    /// lease.
     #[cold]
     fn file_after_earlier(
         &mut self,
@@ -2220,8 +2781,8 @@ impl State {
             })
             .map(|(slot, _)| slot)
             .collect();
-        // Every one, even when a metrics recorder panics as one gives its slots back: the
-        // rest would otherwise hide theirs until their lease.
+        // Every one, even should one panic: the rest would otherwise hide theirs until their
+        // lease.
         each_completing(earlier.into_iter(), |slot| self.supersede((place.0, slot)));
     }
 
@@ -2716,11 +3277,15 @@ impl State {
         let mut applied = Applied::default();
         match op {
             SlotOp::GiveBack(res) => {
-                let pool = self.pool_mut(&res.key);
-                pool.give_back(res.weight);
-                pool.dispatch();
-                pool.publish();
-                applied.changed = true;
+                // Only a grant handed out and not yet settled frees slots: a stale copy or a
+                // made-up reservation would let creates in past the pool's limit.
+                if let Some(index) = self.settle(&res, "give back") {
+                    let pool = &mut self.list[index];
+                    pool.give_back(res.weight);
+                    pool.dispatch();
+                    pool.publish();
+                    applied.changed = true;
+                }
             }
             SlotOp::Hold {
                 reservation,
@@ -2735,17 +3300,17 @@ impl State {
                     Instant::now(),
                     lease,
                 );
-                self.hold(
-                    key,
-                    holding,
-                    true,
-                    (!unread).then_some(&mut applied.released),
-                );
+                let out = (!unread).then_some(&mut applied.released);
+                self.hold_granted(&reservation, holding, out);
                 applied.changed = true;
             }
             SlotOp::Congested(res) => {
                 let last_token = self.next_token;
-                let pool = self.pool_mut(&res.key);
+                // A stale one was counted when its grant was settled (or never was one).
+                let Some(index) = self.settle(&res, "1303") else {
+                    return applied;
+                };
+                let pool = &mut self.list[index];
                 pool.give_back(res.weight);
                 pool.congested(res.weight, res.token, last_token, Instant::now());
                 pool.dispatch();
@@ -2758,11 +3323,12 @@ impl State {
             }
             SlotOp::Halt { reservation, cause } => {
                 let account = reservation.key.account.clone();
-                // Filed before a gauge moves: a metrics recorder that panics there leaves the
-                // account halted, not sending creates after its `1102`.
+                // Halted whatever the reservation: the server refused the account.
                 self.halted.insert(account.clone(), cause);
-                let pool = self.pool_mut(&reservation.key);
-                pool.give_back(reservation.weight);
+                let settled = self.settle(&reservation, "halt");
+                if let Some(index) = settled {
+                    self.list[index].give_back(reservation.weight);
+                }
                 // Wake the account's waiters: they fail with `Halted`.
                 for pool in &mut self.list {
                     if pool.key.account == account {
@@ -2772,7 +3338,9 @@ impl State {
                     }
                 }
                 applied.changed = true;
-                self.pool_mut(&reservation.key).publish();
+                if let Some(index) = settled {
+                    self.list[index].publish();
+                }
             }
             SlotOp::Observed {
                 account,
@@ -2857,8 +3425,6 @@ impl State {
                     // its external id is another task.
                     holding.path = path;
                     self.hold(&key, holding, false, None);
-                    // Once held: should a metrics recorder panic here, the slots are the
-                    // task's, freed by its end or its lease, not counted for nothing.
                     self.pool_mut(&key).publish();
                     applied.changed = true;
                 }
@@ -2898,8 +3464,6 @@ impl State {
                     state.refuse_heavier(configured);
                     state.dispatch();
                 }
-                // Only once every pool is set: a metrics recorder that panics leaves none at
-                // the old capacity.
                 for state in self.list.iter_mut().filter(|state| matches(state)) {
                     state.publish();
                 }
@@ -2968,6 +3532,7 @@ impl InProcess {
             state.report(&task.id, hash, ext, status, &mut reports);
         });
         drop(state);
+        after_unlock(&[], || {});
         ready(Ok(reports.applied))
     }
 }
@@ -2998,11 +3563,13 @@ impl SlotBackend for InProcess {
         {
             let mut state = self.lock();
             if state.halted.is_empty() {
-                let pool = state.pool_mut(&key);
+                let index = state.index(&key);
                 // (A create heavier than its pool never fits in `free`: the slow path refuses it.)
-                if pool.grant_at_once(weight) {
-                    let token = state.token();
-                    return Ok(Ok(Reservation { key, weight, token }));
+                if let Some(token) = state.grant_at_once(index, weight) {
+                    drop(state);
+                    let reservation = Reservation { key, weight, token };
+                    after_unlock(&[], || give_back_unreceived(&self.shared, &reservation));
+                    return Ok(Ok(reservation));
                 }
             }
         }
@@ -3017,6 +3584,7 @@ impl SlotBackend for InProcess {
         let now = report_time(&op);
         let _count = self.halted(matches!(op, SlotOp::Halt { .. }));
         let applied = self.lock().apply(op, now, false);
+        after_unlock(&[], || {});
         ready(Ok(applied))
     }
 
@@ -3026,6 +3594,7 @@ impl SlotBackend for InProcess {
         let now = report_time(&op);
         let _count = self.halted(matches!(op, SlotOp::Halt { .. }));
         let applied = self.lock().apply(op, now, true);
+        after_unlock(&[], || {});
         ready(Ok(applied))
     }
 
@@ -3035,6 +3604,7 @@ impl SlotBackend for InProcess {
         let now = report_time(&op);
         let _count = self.halted(matches!(op, SlotOp::Halt { .. }));
         let applied = self.lock().apply_on(op, now, true, path);
+        after_unlock(&[], || {});
         ready(Ok(applied))
     }
 
@@ -3044,6 +3614,7 @@ impl SlotBackend for InProcess {
         let now = report_time(&op);
         let _count = self.halted(matches!(op, SlotOp::Halt { .. }));
         let applied = self.lock().apply_on(op, now, false, path);
+        after_unlock(&[], || {});
         ready(Ok(applied))
     }
 
@@ -3092,7 +3663,8 @@ impl SlotBackend for InProcess {
         let account = &reservation.key.account;
         let weight = reservation.weight;
         let holding = Holding::new(id, external, account, weight, now, lease, path);
-        self.lock().hold(&reservation.key, holding, true, None);
+        self.lock().hold_granted(&reservation, holding, None);
+        after_unlock(&[], || {});
         ready(Ok(Applied {
             released: Vec::new(),
             changed: true,
@@ -3164,7 +3736,7 @@ impl SlotBackend for InProcess {
             });
         }
         drop(state);
-        warn_leases_ran_out(&ran_out, || {});
+        after_unlock(&ran_out, || {});
         pools.sort_by(|a, b| a.key.cmp(&b.key));
         ready(Ok(pools))
     }
@@ -3210,12 +3782,11 @@ impl Future for InProcessAcquire {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut ran_out = Vec::new();
         let poll = self.poll_locked(cx, &mut ran_out);
-        // The lock is released: a slow subscriber holds up no other create or query.
-        warn_leases_ran_out(&ran_out, || {
+        // The lock is released: a slow subscriber or recorder holds up no other create or
+        // query.
+        after_unlock(&ran_out, || {
             if let Poll::Ready(Ok(granted)) = &poll {
-                let give_back = SlotOp::GiveBack(granted.clone());
-                let mut state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-                state.apply(give_back, None, true);
+                give_back_unreceived(&self.shared, granted);
             }
         });
         poll
@@ -3259,7 +3830,7 @@ impl InProcessAcquire {
                         this.key = None;
                         return Poll::Ready(Err(AcquireError::OverCapacity(err)));
                     }
-                    if pool.grant_at_once(weight) {
+                    if pool.grant_at_once(weight, token) {
                         // The fast path: free slots and nobody ahead.
                         let key = this.key.take().expect("checked above");
                         return Poll::Ready(Ok(Reservation { key, weight, token }));
@@ -3272,7 +3843,7 @@ impl InProcessAcquire {
                         // nobody waits in (with a bound of 0, nobody ever does).
                         state.maintain(index, Instant::now(), ran_out);
                         let pool = &mut state.list[index];
-                        if pool.grant_at_once(weight) {
+                        if pool.grant_at_once(weight, token) {
                             let key = this.key.take().expect("checked above");
                             return Poll::Ready(Ok(Reservation { key, weight, token }));
                         }
@@ -3284,8 +3855,7 @@ impl InProcessAcquire {
                     }
                     let pool = &mut state.list[index];
                     pool.queue.push_back(token, weight, cx.waker().clone());
-                    // Before the gauges move: should a metrics recorder panic there, dropping
-                    // this future still takes the waiter (or the grant it gets) out.
+                    // Dropping this future takes the waiter (or the grant it gets) out.
                     this.token = Some(token);
                     pool.publish();
                     token
@@ -3306,6 +3876,7 @@ impl InProcessAcquire {
                 // keeps the waiter's, taken when it joined, before that 1303.
                 let fresh = refusals == pool.refusals;
                 let token = if fresh { state.token() } else { token };
+                state.list[index].granted_to(token, weight);
                 return Poll::Ready(Ok(Reservation { key, weight, token }));
             }
             if let Some(capacity) = pool.take_refusal(token) {
@@ -3353,7 +3924,21 @@ impl Drop for InProcessAcquire {
         // The head may have changed: let the next waiters in.
         pool.dispatch();
         pool.publish();
+        drop(state);
+        after_unlock(&[], || {});
     }
+}
+
+/// Gives back `granted`, a grant its caller never received: a panic after the lock was
+/// released (a recorder's, a subscriber's) went through its hand-over. Its own records are
+/// made (a panic of theirs, while the first unwinds, caught).
+#[cold]
+#[inline(never)]
+fn give_back_unreceived(shared: &Mutex<State>, granted: &Reservation) {
+    let mut state = shared.lock().unwrap_or_else(PoisonError::into_inner);
+    state.apply(SlotOp::GiveBack(granted.clone()), None, true);
+    drop(state);
+    record_pending();
 }
 
 #[cfg(test)]
@@ -5416,14 +6001,31 @@ mod tests {
         statuses: Arc<Mutex<Vec<String>>>,
         gauges: Arc<Mutex<Vec<(String, f64)>>>,
         values: Arc<Mutex<HashMap<String, f64>>>,
-        /// The series whose next move panics (once), moving nothing.
+        /// The gauge whose next move panics (once), moving nothing: in any of its series.
         fails: Arc<Mutex<Option<String>>>,
+        /// The backend's lock, once set: each record notes whether it was held then.
+        watched: Arc<Mutex<Option<Arc<Mutex<State>>>>>,
+        /// Records made while the watched lock was held.
+        under_lock: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl MetricLog {
+        /// Notes a record made while the watched backend's lock is held (a try, not a wait:
+        /// on this thread a held lock would deadlock a `lock()`).
+        fn note_lock(&self) {
+            let watched = self.watched.lock().unwrap().clone();
+            if let Some(shared) = watched
+                && matches!(shared.try_lock(), Err(std::sync::TryLockError::WouldBlock))
+            {
+                self.under_lock
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+
         fn moved(&self, series: &str, by: f64) {
+            self.note_lock();
             let mut fails = self.fails.lock().unwrap();
-            if fails.as_deref() == Some(series) {
+            if fails.as_deref() == series.split(' ').next() {
                 *fails = None;
                 drop(fails);
                 panic!("the metrics recorder panics");
@@ -5443,6 +6045,7 @@ mod tests {
 
     impl metrics::CounterFn for LoggedCounter {
         fn increment(&self, value: u64) {
+            self.1.note_lock();
             for _ in 0..value {
                 self.1.statuses.lock().unwrap().push(self.0.clone());
             }
@@ -5508,7 +6111,15 @@ mod tests {
             _: &metrics::Key,
             _: &metrics::Metadata<'_>,
         ) -> metrics::Histogram {
-            metrics::Histogram::noop()
+            metrics::Histogram::from_arc(Arc::new(LoggedHistogram(self.clone())))
+        }
+    }
+
+    struct LoggedHistogram(MetricLog);
+
+    impl metrics::HistogramFn for LoggedHistogram {
+        fn record(&self, _: f64) {
+            self.0.note_lock();
         }
     }
 
@@ -6039,5 +6650,338 @@ mod tests {
         assert!(snapshot.is_err(), "the subscriber's panic goes on");
         assert_eq!(warned.load(std::sync::atomic::Ordering::Relaxed), 2);
         assert_eq!(pool(&backend, "a"), (0, 0));
+    }
+
+    /// The reservation a create of `key` is granted at once, if it is.
+    fn granted_now(backend: &InProcess, key: SlotKey, weight: u32) -> Option<Reservation> {
+        match backend.acquire_now(key, weight) {
+            Ok(Ok(reservation)) => Some(reservation),
+            Ok(Err(error)) => panic!("{error}"),
+            Err(_waiting) => None,
+        }
+    }
+
+    /// A reservation frees its slots once: given back again (a stale copy), forged (a token no
+    /// grant has, a live grant's token with another weight), or named under another account's
+    /// or pool's key, it frees nothing, changes nothing, and the pool stays at its limit; a
+    /// stale `1303` hides no slot either. Before, every give-back took its weight off the
+    /// count in use, whatever it named: a stale copy of a grant whose slot was granted again
+    /// let one create more in than the pool has, to meet a `1303`.
+    #[test]
+    fn a_stale_or_forged_give_back_frees_no_slot() {
+        let runtime = paused_runtime();
+        let _entered = runtime.enter();
+        let backend = InProcess::new(SlotsConfig::new(1)).unwrap();
+        let first = granted_now(&backend, key(), 1).expect("the free slot");
+        let stale = first.clone();
+        assert!(now(backend.apply(SlotOp::GiveBack(first))).unwrap().changed);
+        let second = granted_now(&backend, key(), 1).expect("the slot given back");
+        let other_account = SlotKey::new(AccountId::new("b"), key().pool);
+        let image = SlotKey::new(key().account, Pool::new(Product::Image));
+        let forged = [
+            stale.clone(),
+            Reservation {
+                token: second.token + 1_000,
+                ..second.clone()
+            },
+            Reservation {
+                weight: 2,
+                ..second.clone()
+            },
+            Reservation {
+                key: other_account,
+                ..second.clone()
+            },
+            Reservation {
+                key: image,
+                ..second.clone()
+            },
+        ];
+        for reservation in forged {
+            let applied = now(backend.apply(SlotOp::GiveBack(reservation.clone()))).unwrap();
+            assert!(
+                granted_now(&backend, key(), 1).is_none(),
+                "a slot past the limit after {reservation:?}"
+            );
+            assert_eq!(pool(&backend, "a"), (1, 0), "{reservation:?}");
+            assert!(!applied.changed, "{reservation:?}");
+        }
+        now(backend.apply(SlotOp::Congested(stale))).unwrap();
+        let snapshot = now(backend.snapshot()).unwrap();
+        let video = snapshot.iter().find(|p| p.key == key()).unwrap();
+        assert_eq!(
+            (video.in_use, video.capacity),
+            (1, 1),
+            "no slot freed or hidden"
+        );
+        // The grant itself still goes back, once.
+        assert!(
+            now(backend.apply(SlotOp::GiveBack(second.clone())))
+                .unwrap()
+                .changed
+        );
+        assert_eq!(pool(&backend, "a"), (0, 0));
+        let third = granted_now(&backend, key(), 1).expect("the slot given back");
+        assert!(
+            !now(backend.apply(SlotOp::GiveBack(second)))
+                .unwrap()
+                .changed
+        );
+        assert!(granted_now(&backend, key(), 1).is_none());
+        now(backend.apply(SlotOp::GiveBack(third))).unwrap();
+    }
+
+    /// A stale reservation kept under a task (the same grant held twice, or held after it was
+    /// given back) counts its slots: the task may run, and its end frees what the hold took,
+    /// never a slot another create holds. Before, the hold took nothing (the slots were
+    /// counted at the grant, long given back) and the task's end freed another's slot.
+    #[test]
+    fn a_stale_reservation_held_counts_its_slots() {
+        let runtime = paused_runtime();
+        let _entered = runtime.enter();
+        let backend = InProcess::new(SlotsConfig::new(1)).unwrap();
+        let first = granted_now(&backend, key(), 1).expect("the free slot");
+        let stale = first.clone();
+        now(backend.apply(SlotOp::GiveBack(first))).unwrap();
+        let second = granted_now(&backend, key(), 1).expect("the slot given back");
+        let op = SlotOp::Hold {
+            reservation: stale,
+            task: TaskRef {
+                id: Some("t-stale".to_owned()),
+                external_id: None,
+            },
+            lease: Duration::from_secs(600),
+        };
+        now(backend.apply(op)).unwrap();
+        assert_eq!(pool(&backend, "a"), (2, 1), "the task counts");
+        now(backend.apply(ended("t-stale"))).unwrap();
+        assert_eq!(
+            pool(&backend, "a"),
+            (1, 0),
+            "the create still holds its slot"
+        );
+        assert!(
+            granted_now(&backend, key(), 1).is_none(),
+            "none past the limit"
+        );
+        now(backend.apply(SlotOp::GiveBack(second))).unwrap();
+        assert_eq!(pool(&backend, "a"), (0, 0));
+    }
+
+    /// Every metric (the gauges' moves, a finished task's count and lifetime) is recorded once
+    /// the backend's lock is released: a slow recorder holds up no other create or query, and
+    /// one that reads the limiter from a record (a snapshot) does not deadlock. The gauges still
+    /// end at what the pool holds.
+    #[test]
+    fn metrics_are_recorded_once_the_lock_is_released() {
+        with_metric_log(2, |log, runtime, backend| {
+            *log.watched.lock().unwrap() = Some(backend.shared.clone());
+            let value = |series: &str| log.values.lock().unwrap().get(series).copied();
+            // A new pool, a grant, a hold, a query ending it.
+            hold(backend, key(), Some("t-1"), None);
+            now(backend.apply(ended("t-1"))).unwrap();
+            // A create waiting, served by a give-back.
+            let first = now(backend.acquire(key(), 1)).unwrap();
+            let second = now(backend.acquire(key(), 1)).unwrap();
+            let mut third = tokio_test::task::spawn(backend.acquire(key(), 1));
+            assert!(third.poll().is_pending());
+            now(backend.apply(SlotOp::GiveBack(first))).unwrap();
+            let Poll::Ready(Ok(third)) = third.poll() else {
+                panic!("served")
+            };
+            // A `1303`, a capacity set at run time, a task adopted.
+            now(backend.apply(SlotOp::Congested(second))).unwrap();
+            let capacity = SlotOp::SetCapacity {
+                account: None,
+                pool: key().pool,
+                capacity: 4,
+            };
+            now(backend.apply(capacity)).unwrap();
+            let adopt = SlotOp::Adopt {
+                key: key(),
+                task: TaskRef {
+                    id: Some("t-adopted".to_owned()),
+                    external_id: None,
+                },
+                weight: 1,
+                lease: Duration::from_secs(600),
+            };
+            now(backend.apply(adopt)).unwrap();
+            // A lease that runs out, seen by a snapshot, and one by a waiting create.
+            let op = SlotOp::Hold {
+                reservation: third,
+                task: TaskRef {
+                    id: Some("t-2".to_owned()),
+                    external_id: None,
+                },
+                lease: Duration::from_secs(600),
+            };
+            now(backend.apply(op)).unwrap();
+            let a = now(backend.acquire(key(), 1)).unwrap();
+            let mut waiting = tokio_test::task::spawn(backend.acquire(key(), 1));
+            assert!(waiting.poll().is_pending());
+            runtime.block_on(tokio::time::advance(Duration::from_secs(601)));
+            let Poll::Ready(Ok(b)) = waiting.poll() else {
+                panic!("served when the leases end")
+            };
+            now(backend.snapshot()).unwrap();
+            now(backend.apply(SlotOp::GiveBack(a))).unwrap();
+            now(backend.apply(SlotOp::GiveBack(b))).unwrap();
+            let under_lock = log.under_lock.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(under_lock, 0, "records made under the lock");
+            assert!(
+                log.statuses.lock().unwrap().len() >= 3,
+                "finished tasks counted"
+            );
+            let snapshot = &now(backend.snapshot()).unwrap()[0];
+            let held = (snapshot.in_use, snapshot.capacity, snapshot.waiters);
+            assert_eq!(held.0, 0);
+            assert_eq!(
+                (
+                    value(names::SLOTS_IN_USE),
+                    value(names::SLOTS_CAPACITY),
+                    value(names::SLOTS_WAITERS)
+                ),
+                (Some(0.0), Some(held.1.into()), Some(0.0))
+            );
+        });
+    }
+
+    /// A metrics recorder that panics as a lease runs out (its slots move the in-use gauge)
+    /// leaves the lease's warning written, once the lock is released; the panic goes on, and
+    /// the gauge catches up at the next change. Before, the panic unwound past the warnings
+    /// collected to be written after the lock: the lease ended silently.
+    #[test]
+    fn a_lease_that_runs_out_is_warned_of_when_a_recorder_panics() {
+        with_metric_log(1, |log, runtime, backend| {
+            let value = |series: &str| log.values.lock().unwrap().get(series).copied();
+            let free_at_warn = Arc::new(Mutex::new(Vec::new()));
+            let watch = LockWatch {
+                shared: backend.shared.clone(),
+                free_at_warn: free_at_warn.clone(),
+            };
+            let _guard = tracing::subscriber::set_default(watch);
+            hold(backend, key(), Some("t-ran-out"), None);
+            runtime.block_on(tokio::time::advance(Duration::from_secs(600)));
+            *log.fails.lock().unwrap() = Some(names::SLOTS_IN_USE.to_owned());
+            let snapshot =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| now(backend.snapshot())));
+            assert!(snapshot.is_err(), "the recorder's panic goes on");
+            assert_eq!(*free_at_warn.lock().unwrap(), [true], "warned of, unlocked");
+            assert_eq!(pool(backend, "a"), (0, 0));
+            let granted = granted_now(backend, key(), 1).expect("the slot freed");
+            now(backend.apply(SlotOp::GiveBack(granted))).unwrap();
+            assert_eq!(value(names::SLOTS_IN_USE), Some(0.0));
+        });
+    }
+
+    /// A metrics recorder that panics as a new pool's capacity is first shown leaves the
+    /// capacity gauge right once it records again, and no slot taken by the create the panic
+    /// went through. Before, the pool was dropped in the unwinding and took out of the gauge
+    /// the capacity it never put in: the series showed minus the capacity, and zero once the
+    /// pool was made again, for good.
+    #[test]
+    fn a_new_pools_capacity_is_shown_after_a_recorder_panics_on_it() {
+        with_metric_log(2, |log, _, backend| {
+            let value = |series: &str| log.values.lock().unwrap().get(series).copied();
+            *log.fails.lock().unwrap() = Some(names::SLOTS_CAPACITY.to_owned());
+            let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                granted_now(backend, key(), 1)
+            }));
+            assert!(first.is_err(), "the recorder's panic goes on");
+            assert_eq!(pool(backend, "a"), (0, 0), "no slot kept for it");
+            let granted = granted_now(backend, key(), 1).expect("a free slot");
+            assert_eq!(
+                (value(names::SLOTS_IN_USE), value(names::SLOTS_CAPACITY)),
+                (Some(1.0), Some(2.0))
+            );
+            now(backend.apply(SlotOp::GiveBack(granted))).unwrap();
+            assert_eq!(
+                (value(names::SLOTS_IN_USE), value(names::SLOTS_CAPACITY)),
+                (Some(0.0), Some(2.0))
+            );
+        });
+    }
+
+    /// A metrics recorder that panics as an idle pool makes way for a new one leaves nothing
+    /// of the old pool in the gauges, and the new pool found by its key. Before, the panic at
+    /// the first gauge the old pool took out (in use, at zero) left its capacity in the
+    /// series for good, and the new pool unfiled.
+    #[test]
+    fn a_pool_making_way_leaves_nothing_behind_when_a_recorder_panics() {
+        with_metric_log(1, |log, _, backend| {
+            let total = |name: &str| -> f64 {
+                let values = log.values.lock().unwrap();
+                values
+                    .iter()
+                    .filter(|(series, _)| series.starts_with(name))
+                    .map(|(_, value)| value)
+                    .sum()
+            };
+            let model = |n: usize| {
+                SlotKey::new(
+                    AccountId::new("a"),
+                    Pool::with_model(Product::Video, format!("making-way-{n}")),
+                )
+            };
+            for n in 0..POOLS_BEFORE_REUSE {
+                let granted = granted_now(backend, model(n), 1).expect("a free slot");
+                now(backend.apply(SlotOp::GiveBack(granted))).unwrap();
+            }
+            let pools = POOLS_BEFORE_REUSE as f64;
+            assert_eq!(total(names::SLOTS_CAPACITY), pools);
+            for (n, series) in [names::SLOTS_IN_USE, names::SLOTS_CAPACITY]
+                .into_iter()
+                .enumerate()
+            {
+                let n = POOLS_BEFORE_REUSE + n;
+                *log.fails.lock().unwrap() = Some(series.to_owned());
+                let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    granted_now(backend, model(n), 1)
+                }));
+                assert!(made.is_err(), "the recorder's panic goes on ({series})");
+                let granted = granted_now(backend, model(n), 1).expect("a free slot");
+                assert_eq!(backend.lock().list.len(), POOLS_BEFORE_REUSE, "{series}");
+                assert_eq!(total(names::SLOTS_CAPACITY), pools, "{series}");
+                assert_eq!(total(names::SLOTS_IN_USE), 1.0, "{series}");
+                now(backend.apply(SlotOp::GiveBack(granted))).unwrap();
+                assert_eq!(total(names::SLOTS_IN_USE), 0.0, "{series}");
+            }
+        });
+    }
+
+    /// A metrics recorder that panics as a create is granted (at once, or served from the
+    /// queue) takes no slot along: the grant goes back before the panic goes on, once.
+    #[test]
+    fn a_recorder_panicking_on_a_grant_keeps_no_slot() {
+        with_metric_log(1, |log, runtime, backend| {
+            let value = |series: &str| log.values.lock().unwrap().get(series).copied();
+            let fail = |series: &str| *log.fails.lock().unwrap() = Some(series.to_owned());
+            // Granted at once.
+            granted_now(backend, key(), 1).map(|r| now(backend.apply(SlotOp::GiveBack(r))));
+            fail(names::SLOTS_IN_USE);
+            let at_once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                granted_now(backend, key(), 1)
+            }));
+            assert!(at_once.is_err(), "the recorder's panic goes on");
+            assert_eq!(pool(backend, "a"), (0, 0));
+            // Served from the queue, as a lease runs out.
+            hold(backend, key(), Some("t-ran-out"), None);
+            let mut waiting = tokio_test::task::spawn(backend.acquire(key(), 1));
+            assert!(waiting.poll().is_pending());
+            runtime.block_on(tokio::time::advance(Duration::from_secs(600)));
+            fail(names::SLOTS_WAITERS);
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waiting.poll()));
+            assert!(served.is_err(), "the recorder's panic goes on");
+            drop(waiting);
+            assert_eq!(pool(backend, "a"), (0, 0));
+            let last = granted_now(backend, key(), 1).expect("the free slot");
+            assert!(granted_now(backend, key(), 1).is_none(), "freed once");
+            now(backend.apply(SlotOp::GiveBack(last))).unwrap();
+            assert_eq!(
+                (value(names::SLOTS_IN_USE), value(names::SLOTS_WAITERS)),
+                (Some(0.0), Some(0.0))
+            );
+        });
     }
 }

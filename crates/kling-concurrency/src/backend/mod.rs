@@ -387,7 +387,11 @@ pub struct PoolSnapshot {
 ///   took effect, it would free or hold the slots twice). A backend keeps its state whole
 ///   across anything in a change that may unwind (a metrics recorder, a log), and a grant it
 ///   counts in use is returned to the caller or kept where dropping the acquire future finds
-///   it ([`InProcess`] moves its gauges so).
+///   it ([`InProcess`] records its metrics once its lock is released, and gives back a grant
+///   whose hand-over a recorder's panic went through). A reservation handed back that no grant
+///   holds (a stale copy, settled already; another pool's, account's or backend's; made up)
+///   frees no slot: [`InProcess`] ignores its give-back or `1303` and logs it, applies its
+///   halt without freeing slots, and counts the slots of a hold of it anew.
 /// - External ids are unique per account only: a holding is found by its external id only by
 ///   a change of its own account ([`SlotOp::Update`], [`SlotOp::Observed`], [`SlotOp::Adopt`],
 ///   and the supersede rule of [`SlotOp::Hold`]); and perhaps per create path only: a report
