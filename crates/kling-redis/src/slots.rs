@@ -87,6 +87,11 @@ pub const MAX_PENDING_REPORTS: usize = 4096;
 ///   not registered or held again.
 /// - **Unreachable Redis**: see [`WhenUnreachable`]; changes that could not be sent are kept
 ///   in order and replayed when Redis is back.
+/// - **Reservations** are checked: a give-back, `1303` or `1102` frees only the grant of the
+///   reservation's pool and weight under its token, in the script (a stale copy of a grant
+///   given back or kept under a task already, or a forged one, frees and hides nothing; its
+///   `1102` still halts the account), and a hold of one no grant of this process holds counts
+///   its slots anew, under a holding of its own; each is logged as a warning.
 /// - **Gauges**: each process records the slots it holds and its waiting creates (summed over
 ///   the fleet, the fleet's use and queue) and the fleet's capacity of its pools as its
 ///   maintenance pass last read it (one process's figure is the fleet's).
@@ -459,7 +464,8 @@ const REHALT_HALTS: usize = 4;
 /// applied (a reset before a later halt, a capacity before a later setting) is dropped.
 const STAMPED: [&str; 3] = ["halt", "unhalt", "cap"];
 /// The operations that settle a grant (`ARGV[6]` its holding): queued behind its registration,
-/// they take its place (see [`Inner::queue`]).
+/// they take its place (see [`Inner::queue`]), unless they settled no grant (a stale or forged
+/// reservation's).
 const SETTLES: [&str; 4] = ["hold", "give", "cong", "halt"];
 
 /// A change that could not be sent yet.
@@ -1289,18 +1295,33 @@ impl Inner {
             changed: true,
         };
         let mut wake = None;
+        let mut stale = None;
         match op {
             SlotOp::GiveBack(res) => {
                 let pk = self.pk(&res.key);
                 let h = self.holding(res.token);
-                lock(&self.registry).remove(&h);
-                args.extend(["give".to_owned(), pk.clone(), h]);
-                wake = Some(pk);
+                // Sent either way: the script frees only a grant of this weight (one Redis
+                // has and this process no longer does: an ask whose answer was lost).
+                if self.settle(&res) {
+                    wake = Some(pk.clone());
+                } else {
+                    local.changed = false;
+                    stale = StaleReservation::of(&res, "give back");
+                }
+                args.extend(["give".to_owned(), pk, h, res.weight.to_string()]);
+            }
+            SlotOp::Congested(res) if !self.settle(&res) => {
+                // No grant of this process's: a give-back (which the script checks, and finds
+                // no grant of this weight), hiding nothing.
+                local.changed = false;
+                stale = StaleReservation::of(&res, "1303");
+                let pk = self.pk(&res.key);
+                let h = self.holding(res.token);
+                args.extend(["give".to_owned(), pk, h, res.weight.to_string()]);
             }
             SlotOp::Congested(res) => {
                 let pk = self.pk(&res.key);
                 let h = self.holding(res.token);
-                lock(&self.registry).remove(&h);
                 let (configured, fields) = self.cap_lookup(&res.key);
                 args.extend([
                     "cong".to_owned(),
@@ -1315,12 +1336,16 @@ impl Inner {
             SlotOp::Halt { reservation, cause } => {
                 let pk = self.pk(&reservation.key);
                 let h = self.holding(reservation.token);
-                lock(&self.registry).remove(&h);
+                // Halted whatever the reservation: the server refused the account.
+                if !self.settle(&reservation) {
+                    stale = StaleReservation::of(&reservation, "halt");
+                }
                 let halt = self.halt_key(&reservation.key.account);
                 let n = self.next_halt.fetch_add(1, Ordering::Relaxed);
                 args.extend(["halt".to_owned(), pk, h, halt, encode_cause(&cause)]);
                 args.push(n.to_string());
                 args.push(self.change_id());
+                args.push(reservation.weight.to_string());
                 let at = self.made_at();
                 args.extend([at.clone(), "0".to_owned()]);
                 let halt = LocalHalt {
@@ -1341,7 +1366,16 @@ impl Inner {
                 lease,
             } => {
                 let pk = self.pk(&reservation.key);
-                let h = self.holding(reservation.token);
+                // A reservation no grant of this process's holds (kept under a task already,
+                // given back, made up) counts its slots anew, under a holding of its own: the
+                // task may run, and its end must free what it took, never the holding of the
+                // reservation's token (another task's, or a grant of another pool).
+                let h = if self.settle(&reservation) {
+                    self.holding(reservation.token)
+                } else {
+                    stale = StaleReservation::of(&reservation, "hold");
+                    self.holding(self.next.fetch_add(1, Ordering::Relaxed))
+                };
                 let mut held = Held {
                     pk: pk.clone(),
                     weight: reservation.weight,
@@ -1456,6 +1490,7 @@ impl Inner {
                     local,
                     wake,
                     adopt: Some((h, held)),
+                    stale,
                 };
             }
             SlotOp::Update {
@@ -1526,7 +1561,27 @@ impl Inner {
             local,
             wake,
             adopt: None,
+            stale,
         }
+    }
+
+    /// Takes the grant of `reservation` off this process's record, if it is one: a grant
+    /// (not yet kept under a task) of its pool and weight under its token's holding. Whether
+    /// it was; if not, the record is left as it is (the holding of that token may be a task
+    /// the reservation was kept under already, or a grant of another pool or weight). The
+    /// record holds every grant this process has and has not settled: a grant is filed when
+    /// Redis (or the fallback share) grants it and leaves only when it is settled here, or
+    /// when Redis no longer has it (its lease ran out); no other process settles it.
+    fn settle(&self, reservation: &Reservation) -> bool {
+        let h = self.holding(reservation.token);
+        let mut registry = lock(&self.registry);
+        let granted = registry.get(&h).is_some_and(|held| {
+            !held.task && held.weight == reservation.weight && held.key == reservation.key
+        });
+        if granted {
+            registry.remove(&h);
+        }
+        granted
     }
 
     /// The head of the `upd` of `reports`, noting an end that finds no holding when `note`
@@ -1693,6 +1748,15 @@ impl Inner {
         handle: &tokio::runtime::Handle,
     ) -> tokio::task::JoinHandle<Result<Applied, BackendError>> {
         let prepared = self.prepare(op, path, heard);
+        self.start_prepared(prepared, handle)
+    }
+
+    /// [`start_op`](Self::start_op) of an operation [`prepare`](Self::prepare)d.
+    fn start_prepared(
+        self: &Arc<Self>,
+        prepared: Prepared,
+        handle: &tokio::runtime::Handle,
+    ) -> tokio::task::JoinHandle<Result<Applied, BackendError>> {
         if let Some(pk) = &prepared.wake {
             self.wake(pk);
         }
@@ -1715,6 +1779,7 @@ impl Inner {
             local,
             wake: _,
             adopt,
+            stale,
         } = prepared;
         // Behind the replay while it runs, even when its last change is in flight and the
         // queue looks empty: a change sent now could overtake it.
@@ -1728,13 +1793,16 @@ impl Inner {
         } else {
             self.apply_args(&mut args).await
         };
-        match result {
+        let applied = match result {
             Ok(Reply {
                 changed,
                 released,
                 holdings,
                 finished,
             }) => {
+                // A stale give-back or 1303 changes nothing (the script, sent a give-back the
+                // grant of which it does not have, may still say it gave back nothing).
+                let changed = changed && (stale.is_none() || local.changed);
                 {
                     let mut registry = lock(&self.registry);
                     for h in &holdings {
@@ -1783,7 +1851,12 @@ impl Inner {
                 }
             }
             Err(e) => Err(e.into_slots()),
+        };
+        // After the call, its bookkeeping done: a subscriber that panics loses none of it.
+        if let Some(stale) = &stale {
+            stale.warn();
         }
+        applied
     }
 
     /// After the reports `args` ran in Redis (counting `released`): notes which of the ends
@@ -2060,8 +2133,15 @@ impl Inner {
         {
             *replayed = "1".to_owned();
         }
+        // A change that settled no grant (a stale or forged reservation: the record still has
+        // the grant of its token, of another pool or weight) does not take its registration's
+        // place: that grant is still on its way, and must be registered.
+        let settles = SETTLES.contains(&args[3].as_str())
+            && lock(&self.registry)
+                .get(&args[5])
+                .is_none_or(|held| held.task);
         let mut pending = lock(&self.pending);
-        if SETTLES.contains(&args[3].as_str()) {
+        if settles {
             // The registration of this grant (made while Redis was away) is this change's now:
             // replayed, it would register nothing (the holding is off the record) or register
             // what the hold, right behind it, creates anyway.
@@ -2773,7 +2853,9 @@ fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end
         return;
     };
     if let Some(Pending::Args(args, _)) = pending.get_mut(at) {
-        args.truncate(6);
+        // (Pool key, holding and weight, as a give-back carries them: the script gives back
+        // only a grant of that weight.)
+        args.truncate(7);
         args[3] = "give".to_owned();
     }
 }
@@ -2806,6 +2888,48 @@ struct Prepared {
     local: Applied,
     wake: Option<String>,
     adopt: Option<(String, Held)>,
+    /// A reservation handed back that no grant of this process's holds, logged once the
+    /// change is sent or queued.
+    stale: Option<StaleReservation>,
+}
+
+/// A reservation handed back (given back, kept, or refused by the server) that no grant of
+/// this process holds: given back or kept already (a stale copy: [`Reservation`] is plain
+/// data), of another pool, account, weight or backend, or made up. It frees no slot, so that
+/// no create gets in past the pool's limit, and is logged as the caller's error, as the
+/// in-process backend logs it.
+#[derive(Debug)]
+struct StaleReservation {
+    change: &'static str,
+    key: SlotKey,
+    weight: u32,
+    token: u64,
+}
+
+impl StaleReservation {
+    /// `reservation`, handed back by `change`; none for one of no slots, which frees nothing
+    /// either way.
+    #[cold]
+    fn of(reservation: &Reservation, change: &'static str) -> Option<Self> {
+        (reservation.weight > 0).then(|| StaleReservation {
+            change,
+            key: reservation.key.clone(),
+            weight: reservation.weight,
+            token: reservation.token,
+        })
+    }
+
+    fn warn(&self) {
+        tracing::warn!(
+            account = %self.key.account,
+            pool = %self.key.pool,
+            weight = self.weight,
+            token = self.token,
+            change = self.change,
+            "a reservation no grant holds was handed back (settled already, of another pool \
+             or backend, or made up): it frees no slot"
+        );
+    }
 }
 
 fn encode_cause(cause: &ApiError) -> String {
@@ -3070,7 +3194,12 @@ impl Drop for GrantGuard {
             token: self.token,
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            drop(self.inner.start_op(op, "", Heard::Report, &handle));
+            // Most often a grant this process never filed (its ask's answer lost, or none
+            // made: a place in the queue given up): no stale reservation, the script gives
+            // back what Redis granted it, if anything.
+            let mut prepared = self.inner.prepare(op, "", Heard::Report);
+            prepared.stale = None;
+            drop(self.inner.start_prepared(prepared, &handle));
         }
     }
 }
@@ -4221,5 +4350,138 @@ mod tests {
             seq: 0,
         };
         assert_eq!(numbered(false, 7, 1, first), Numbered::Later);
+    }
+
+    /// The script frees only a grant of the weight a change names: told to give back, or to
+    /// take a `1303` for, a holding that is a task (a grant's stale copy, once the grant was
+    /// kept under a task) or a grant of another weight (a forged reservation), it frees and
+    /// hides nothing, whatever the process sending it believes. The grant itself still goes
+    /// back. (A process sends the 1303 of a grant it no longer has as a give-back: this is the
+    /// script's own check, in the step that would free the slots.)
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn the_script_frees_only_a_grant_of_the_weight_a_change_names() {
+        let Some(server) =
+            crate::testing::RedisServer::start_or_skip().expect("CI=true requires a redis-server")
+        else {
+            return;
+        };
+        let conn = Connection::connect(crate::RedisConfig::new(server.url()).prefix("unit"))
+            .await
+            .unwrap();
+        let slots = RedisSlots::new(conn, SlotsConfig::new(3))
+            .unwrap()
+            .grace(Duration::from_millis(50));
+        let key = SlotKey::new(
+            AccountId::new("acct"),
+            Pool::new(kling_core::Product::Video),
+        );
+        let kept = slots.acquire(key.clone(), 1).await.unwrap();
+        let op = SlotOp::Hold {
+            reservation: kept.clone(),
+            task: TaskRef {
+                id: Some("t1".to_owned()),
+                external_id: None,
+            },
+            lease: Duration::from_secs(60),
+        };
+        slots.apply(op).await.unwrap();
+        let granted = slots.acquire(key.clone(), 1).await.unwrap();
+        let inner = &slots.inner;
+        let pk = inner.pk(&key);
+        let pool = async || {
+            let snapshot = slots.snapshot().await.unwrap();
+            (snapshot[0].in_use, snapshot[0].capacity)
+        };
+        assert_eq!(pool().await, (2, 3));
+        let (configured, fields) = inner.cap_lookup(&key);
+        let change = |op: &str, h: &str, weight: &str| {
+            let mut args = Vec::from(inner.unstamped_head());
+            args.extend([op.to_owned(), pk.clone(), inner.holding(h.parse().unwrap())]);
+            args.push(weight.to_owned());
+            if op == "cong" {
+                args.extend([configured.to_string(), inner.change_id()]);
+                args.extend(fields.iter().cloned());
+            }
+            args
+        };
+        let (task, grant) = (kept.token.to_string(), granted.token.to_string());
+        for mut args in [
+            change("cong", &task, "1"),
+            change("give", &task, "1"),
+            change("cong", &grant, "2"),
+            change("give", &grant, "2"),
+        ] {
+            let reply = inner.apply_args(&mut args).await.unwrap();
+            assert_eq!(pool().await, (2, 3), "nothing freed or hidden: {args:?}");
+            assert!(!reply.changed, "{args:?}");
+        }
+        let reply = inner
+            .apply_args(&mut change("give", &grant, "1"))
+            .await
+            .unwrap();
+        assert!(reply.changed);
+        assert_eq!(pool().await, (1, 3), "the grant goes back");
+    }
+
+    /// A stale or forged reservation's settlement queued while Redis is away leaves the
+    /// registration of the grant its token names (of another pool, or another weight): that
+    /// grant is still on its way, and Redis must count it once back. Before, the settlement
+    /// took the registration's place and the grant was never registered: the fleet let a
+    /// create in past the pool's limit.
+    #[cfg(feature = "testing")]
+    #[tokio::test(start_paused = true)]
+    async fn a_forged_settlement_queued_keeps_the_registration_of_the_grant_it_names() {
+        let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
+        let slots = RedisSlots::new(conn, SlotsConfig::new(2))
+            .unwrap()
+            .when_unreachable(WhenUnreachable::fallback(1));
+        let inner = Arc::clone(&slots.inner);
+        let key = SlotKey::new(
+            AccountId::new("acct"),
+            Pool::new(kling_core::Product::Video),
+        );
+        let granted = slots.acquire(key.clone(), 1).await.unwrap();
+        let h = inner.holding(granted.token);
+        assert_eq!(queued(&inner), [(0, format!("reg {h}"))]);
+        let image = SlotKey::new(key.account.clone(), Pool::new(kling_core::Product::Image));
+        for forged in [
+            Reservation {
+                key: image,
+                ..granted.clone()
+            },
+            Reservation {
+                weight: 2,
+                ..granted.clone()
+            },
+        ] {
+            slots.apply(SlotOp::GiveBack(forged.clone())).await.unwrap();
+            slots
+                .apply(SlotOp::Congested(forged.clone()))
+                .await
+                .unwrap();
+            let halt = SlotOp::Halt {
+                reservation: forged,
+                cause: ApiError::from_outcome(
+                    &Outcome::parse(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        &HeaderMap::new(),
+                        br#"{"code":1102,"message":"x","request_id":null}"#,
+                        Instant::now(),
+                    )
+                    .unwrap(),
+                ),
+            };
+            slots.apply(halt).await.unwrap();
+        }
+        let ops = queued(&inner);
+        assert_eq!(ops[0], (0, format!("reg {h}")), "{ops:?}");
+        assert_eq!(ops.len(), 7, "{ops:?}");
+        assert_eq!(slots.held_here(), 1);
+        // The grant itself takes its registration's place.
+        slots.apply(SlotOp::GiveBack(granted)).await.unwrap();
+        let ops = queued(&inner);
+        assert!(!ops.iter().any(|(_, op)| op.starts_with("reg")), "{ops:?}");
+        assert_eq!(slots.held_here(), 0);
     }
 }

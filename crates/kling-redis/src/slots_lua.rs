@@ -503,9 +503,18 @@ do
     if redis.call('PTTL', done) < keep then redis.call('PEXPIRE', done, keep) end
   end
 end
-local function give(pk, h)
+-- Gives back the grant `h` of the pool `pk`, of `w` slots (a number): only a grant (`g`) of
+-- that weight is the reservation's. A task (the reservation was kept under one already: a
+-- stale copy given back), or a grant of another weight (a forged reservation), is not, and
+-- keeps its slots, else a create would get in past the pool's limit. Returns `freed`, `none`
+-- (no holding `h`: given back already, or never granted) or `other`.
+local function give(pk, h, w)
   local raw = redis.call('HGET', pk .. ':h', h)
-  if raw then release(pk, h, cjson.decode(raw), nil) end
+  if not raw then return 'none' end
+  local rec = cjson.decode(raw)
+  if rec.k ~= 'g' or tonumber(rec.w) ~= w then return 'other' end
+  release(pk, h, rec, nil)
+  return 'freed'
 end
 -- Forgets what the 1303s said of the pool whose meta hash is `m` (a create proved more fit,
 -- or a capacity was set): hidden slots come back at the configured interval from now, not
@@ -531,12 +540,12 @@ local function prove_level(pk)
   if held >= lvl then end_streak(m) end
 end
 if op == 'give' then
-  -- Also a waiting create that gave up: its place in the fleet's queue goes, and the next in
-  -- line asks.
-  give(ARGV[5], ARGV[6])
+  -- 5 pool key, 6 grant, 7 its weight. Also a waiting create that gave up: its place in the
+  -- fleet's queue goes, and the next in line asks. (A stale or forged reservation frees
+  -- nothing, and changes nothing.)
+  if give(ARGV[5], ARGV[6], tonumber(ARGV[7])) ~= 'other' then changed = 1 end
   if leave(ARGV[5], ARGV[6]) then redis.call('PUBLISH', P .. ':freed', ARGV[5]) end
   tidy(ARGV[5])
-  changed = 1
 elseif op == 'cong' then
   -- 5 pool key, 6 grant, 7 weight, 8 configured capacity, 9 the change's id (read above),
   -- 10.. capacity fields.
@@ -550,7 +559,10 @@ elseif op == 'cong' then
   local raw = redis.call('HGET', pk .. ':h', ARGV[6])
   local granted = nil
   if raw then granted = tonumber(cjson.decode(raw).s) end
-  give(pk, ARGV[6])
+  -- A holding of the grant's token that is no grant of this weight (a task the reservation
+  -- was kept under already, a forged weight): a stale 1303, which frees and hides nothing.
+  -- (A process sends the 1303 of a grant it no longer has as a give-back.)
+  if give(pk, ARGV[6], tonumber(ARGV[7])) == 'other' then return {lost, 0, released} end
   local cap = capacity(ARGV[8], 10)
   local v = redis.call('HMGET', m, 'used', 'lvl', 'stk', 'lvlat')
   local used = tonumber(v[1] or '0')
@@ -569,13 +581,14 @@ elseif op == 'cong' then
   changed = 1
 elseif op == 'halt' then
   -- 5 pool key, 6 grant, 7 halt key, 8 cause, 9 the process's number (not read), 10 the
-  -- change's id (read above), 11 when it was made, 12 '1' replayed.
-  give(ARGV[5], ARGV[6])
+  -- change's id (read above), 11 the grant's weight, 12 when it was made, 13 '1' replayed.
+  -- The account is halted whatever the grant: a stale or forged one frees nothing.
+  give(ARGV[5], ARGV[6], tonumber(ARGV[11]))
   -- (As after any give-back: a pool past the first 64 may be left unused.)
   tidy(ARGV[5])
   -- A replay made before a later reset (or halt) of the account halts nothing.
-  if not stale('h:' .. ARGV[7], ARGV[11], ARGV[12]) then
-    stamp('h:' .. ARGV[7], ARGV[11], ARGV[12])
+  if not stale('h:' .. ARGV[7], ARGV[12], ARGV[13]) then
+    stamp('h:' .. ARGV[7], ARGV[12], ARGV[13])
     redis.call('SET', ARGV[7], ARGV[8])
     redis.call('PUBLISH', P .. ':freed', '*')
     -- Every process learns of the halt now, not at its next ask: a create it granted before

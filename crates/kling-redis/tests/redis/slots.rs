@@ -5096,3 +5096,198 @@ async fn only_a_renewal_that_brings_the_next_deadline_forward_is_announced() {
     renew(Duration::from_secs(1)).await;
     assert_eq!(announced().await.len(), 1, "renewed before t1's lease");
 }
+
+/// The video pool's slots in use and capacity, as `backend` reads them now (a forged
+/// reservation's pool, if one was filed, is another).
+async fn video_in_use_and_capacity(backend: &RedisSlots) -> (u32, u32) {
+    let snapshot = backend.snapshot().await.unwrap();
+    snapshot
+        .iter()
+        .find(|pool| pool.key == video())
+        .map_or((0, 0), |pool| (pool.in_use, pool.capacity))
+}
+
+/// The warnings of reservations no grant holds, in `logs`.
+fn stale_warnings(logs: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
+    logs.lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains("no grant holds"))
+        .cloned()
+        .collect()
+}
+
+/// A reservation frees its grant's slots once, in Redis as in process (kling-concurrency's
+/// `a_stale_or_forged_give_back_frees_no_slot`): handed back again (a copy of a grant given
+/// back, or kept under a task already), forged (a token no grant has, a live grant's token
+/// with another weight), or named under another account's or pool's key, its give-back or
+/// `1303` frees nothing and hides nothing, its `1102` halts the account and frees nothing, the
+/// process's record keeps what it holds, and each is logged as a warning. Before, the script
+/// freed whatever holding the reservation's token named: a task's (its grant's copy given back
+/// after the hold), or a live grant's under another weight, so the fleet let a create in past
+/// the pool's limit; and the process dropped from its record the holding of that token in any
+/// pool (its gauge, its registration after Redis lost its state).
+#[tokio::test]
+async fn a_stale_or_forged_reservation_frees_no_slot() {
+    let Some(server) = redis() else { return };
+    let (logs, _capture) = crate::support::capture_logs();
+    let one = backend(&server, 2).await;
+    let two = backend(&server, 2).await;
+    let first = one.acquire(video(), 1).await.unwrap();
+    let given_back = first.clone();
+    assert!(one.apply(SlotOp::GiveBack(first)).await.unwrap().changed);
+    let held = one.acquire(video(), 1).await.unwrap();
+    let live = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held.clone(), "t1", LONG)).await.unwrap();
+    assert_eq!(video_in_use_and_capacity(&two).await, (2, 2));
+    assert!(
+        stale_warnings(&logs).is_empty(),
+        "{:#?}",
+        stale_warnings(&logs)
+    );
+    let other_account = SlotKey::new(AccountId::new("other"), video().pool);
+    let image = SlotKey::new(video().account, Pool::new(Product::Image));
+    let forged = [
+        given_back,
+        held.clone(),
+        Reservation {
+            token: live.token + 1_000,
+            ..live.clone()
+        },
+        Reservation {
+            weight: 2,
+            ..live.clone()
+        },
+        Reservation {
+            key: other_account,
+            ..live.clone()
+        },
+        Reservation {
+            key: image,
+            ..live.clone()
+        },
+    ];
+    let count = forged.len();
+    for reservation in forged {
+        let given = one
+            .apply(SlotOp::GiveBack(reservation.clone()))
+            .await
+            .unwrap();
+        let congested = one
+            .apply(SlotOp::Congested(reservation.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            video_in_use_and_capacity(&two).await,
+            (2, 2),
+            "no slot freed or hidden by {reservation:?}"
+        );
+        assert_eq!(one.held_here(), 2, "{reservation:?}");
+        let past = tokio::time::timeout(Duration::from_millis(100), two.acquire(video(), 1)).await;
+        assert!(past.is_err(), "a slot past the limit after {reservation:?}");
+        assert!(!given.changed && !congested.changed, "{reservation:?}");
+    }
+    // A 1102 of a stale reservation halts the account all the same, and frees nothing.
+    let held_token = held.token;
+    one.apply(SlotOp::Halt {
+        reservation: held,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        two.acquire(video(), 1).await,
+        Err(AcquireError::Halted(_))
+    ));
+    assert_eq!(video_in_use_and_capacity(&two).await, (2, 2));
+    assert_eq!(one.held_here(), 2);
+    two.apply(SlotOp::ResetHalt(video().account)).await.unwrap();
+    let warnings = stale_warnings(&logs);
+    assert_eq!(warnings.len(), 2 * count + 1, "{warnings:#?}");
+    for part in [
+        "account=acct",
+        "pool=video",
+        "weight=1",
+        &format!("token={held_token}"),
+        r#"change="give back""#,
+    ] {
+        // (The give-back of the grant kept under t1.)
+        assert!(warnings[2].contains(part), "{part:?} in {}", warnings[2]);
+    }
+    assert!(warnings[3].contains(r#"change="1303""#), "{}", warnings[3]);
+    assert!(
+        warnings[2 * count].contains(r#"change="halt""#),
+        "{warnings:#?}"
+    );
+    // The grant itself still goes back, once; the task still ends.
+    assert!(
+        one.apply(SlotOp::GiveBack(live.clone()))
+            .await
+            .unwrap()
+            .changed
+    );
+    assert!(!one.apply(SlotOp::GiveBack(live)).await.unwrap().changed);
+    two.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(video_in_use_and_capacity(&two).await, (0, 2));
+    // The 1303 of a grant given back (Redis has no holding of its token) hides no slot of the
+    // pool it names, as it would were it the fleet's last word on the pool.
+    let given_back = one.acquire(video(), 1).await.unwrap();
+    let copy = given_back.clone();
+    one.apply(SlotOp::GiveBack(given_back)).await.unwrap();
+    assert!(!one.apply(SlotOp::Congested(copy)).await.unwrap().changed);
+    assert_eq!(video_in_use_and_capacity(&two).await, (0, 2), "none hidden");
+    assert_eq!(stale_warnings(&logs).len(), 2 * count + 3);
+}
+
+/// A stale reservation kept under a task (the same grant kept twice, or kept after it was
+/// given back) counts its slots anew, in Redis as in process (kling-concurrency's
+/// `a_stale_reservation_held_counts_its_slots`): the task may run, and its end frees what its
+/// hold took, never a slot another task holds; each is logged as a warning. Before, the second
+/// hold of a grant overwrote the first task's holding: two tasks ran on one slot, the first
+/// one's end freed it, and the fleet let a create in past the pool's limit.
+#[tokio::test]
+async fn a_stale_reservation_held_counts_its_slots() {
+    let Some(server) = redis() else { return };
+    let (logs, _capture) = crate::support::capture_logs();
+    let one = backend(&server, 2).await;
+    let two = backend(&server, 2).await;
+    let first = one.acquire(video(), 1).await.unwrap();
+    let copy = first.clone();
+    one.apply(hold(first, "t1", LONG)).await.unwrap();
+    assert!(stale_warnings(&logs).is_empty());
+    one.apply(hold(copy, "t2", LONG)).await.unwrap();
+    assert_eq!(video_in_use_and_capacity(&two).await, (2, 2), "both count");
+    assert_eq!(one.held_here(), 2);
+    let past = tokio::time::timeout(Duration::from_millis(100), two.acquire(video(), 1)).await;
+    assert!(past.is_err(), "a slot past the limit");
+    two.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(video_in_use_and_capacity(&two).await, (1, 2), "t2 runs");
+    let next = two.acquire(video(), 1).await.unwrap();
+    let past = tokio::time::timeout(Duration::from_millis(100), two.acquire(video(), 1)).await;
+    assert!(past.is_err(), "a slot past the limit");
+    two.apply(ended("t2", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(video_in_use_and_capacity(&two).await, (1, 2), "next holds");
+    two.apply(SlotOp::GiveBack(next)).await.unwrap();
+    // A grant given back, then kept: counted anew, and its end frees what it took.
+    let given_back = one.acquire(video(), 1).await.unwrap();
+    let copy = given_back.clone();
+    one.apply(SlotOp::GiveBack(given_back)).await.unwrap();
+    one.apply(hold(copy, "t3", LONG)).await.unwrap();
+    assert_eq!(video_in_use_and_capacity(&two).await, (1, 2));
+    two.apply(ended("t3", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(video_in_use_and_capacity(&two).await, (0, 2));
+    let warnings = stale_warnings(&logs);
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    assert!(
+        warnings.iter().all(|w| w.contains(r#"change="hold""#)),
+        "{warnings:#?}"
+    );
+}
