@@ -577,7 +577,7 @@ struct Inner {
     /// or set them: what it checks a create against and shares out while Redis is away.
     caps: Mutex<HashMap<String, u32>>,
     /// The ends of tasks this process reported lately, reported again after Redis came back
-    /// with a new generation.
+    /// with a new generation. Locked after `registry` where both are held.
     ends: Mutex<VecDeque<ReportedEnd>>,
     pending: Mutex<VecDeque<Pending>>,
     /// Whether a replay runs: new changes queue behind it (read and written under `pending`'s
@@ -2585,6 +2585,10 @@ impl Inner {
         self.apply_args(&mut args).await?;
         let cutoff = Instant::now().checked_sub(ends_kept_for(&self.config));
         let ends: Vec<ReportedEnd> = {
+            // `registry` before `ends`, the order `local_update` takes them in: taken the
+            // other way round, a report made while this pass ran could deadlock the two
+            // threads.
+            let registry = lock(&self.registry);
             let mut ends = lock(&self.ends);
             if let Some(cutoff) = cutoff {
                 ends.retain(|end| end.at >= cutoff);
@@ -2593,7 +2597,6 @@ impl Inner {
             // `complete` by a text that may be one, is not sent again once this process holds
             // a later create under that id: the create sent again made the task, which `upd`
             // (or its registration) would find by that id and end while it runs.
-            let registry = lock(&self.registry);
             ends.retain(|end| {
                 let [id, ext, status, _] = &end.report;
                 let external = if id.is_empty() {
