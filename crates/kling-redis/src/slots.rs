@@ -2856,10 +2856,13 @@ fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end
         return;
     };
     if let Some(Pending::Args(args, _)) = pending.get_mut(at) {
-        // (Pool key, holding and weight, as a give-back carries them: the script gives back
-        // only a grant of that weight.)
-        args.truncate(7);
+        // (Pool key and holding, as a give-back carries them, and no weight: the hold may
+        // have run in Redis, its answer lost (a timeout), and made the grant a task, which a
+        // give-back of a weight, freeing only a grant, would leave held until its lease ran
+        // out. The holding is this hold's own: whatever it is goes.)
+        args.truncate(6);
         args[3] = "give".to_owned();
+        args.push(String::new());
     }
 }
 
@@ -4425,6 +4428,60 @@ mod tests {
             .unwrap();
         assert!(reply.changed);
         assert_eq!(pool().await, (1, 3), "the grant goes back");
+    }
+
+    /// A queued hold turned into a give-back (its task's end dropped from the replay queue
+    /// past [`MAX_PENDING_REPORTS`]) frees its holding even when Redis ran that hold already,
+    /// its answer lost (a timeout): the holding is a task then, not a grant, and a give-back
+    /// of a weight, which frees only a grant, left the task's slot held until its lease ran
+    /// out.
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn a_hold_turned_give_back_frees_the_task_it_made_in_redis() {
+        let Some(server) =
+            crate::testing::RedisServer::start_or_skip().expect("CI=true requires a redis-server")
+        else {
+            return;
+        };
+        let conn = Connection::connect(crate::RedisConfig::new(server.url()).prefix("unit"))
+            .await
+            .unwrap();
+        let slots = RedisSlots::new(conn, SlotsConfig::new(3)).unwrap();
+        slots.hold_maintenance(true);
+        let key = SlotKey::new(
+            AccountId::new("acct"),
+            Pool::new(kling_core::Product::Video),
+        );
+        let granted = slots.acquire(key.clone(), 1).await.unwrap();
+        let lease = Duration::from_secs(60);
+        let op = SlotOp::Hold {
+            reservation: granted.clone(),
+            task: TaskRef {
+                id: Some("t0".to_owned()),
+                external_id: None,
+            },
+            lease,
+        };
+        // Redis ran the hold; its answer lost, the process queued it for replay.
+        slots.apply(op).await.unwrap();
+        let inner = &slots.inner;
+        let h = inner.holding(granted.token);
+        let held = lock(&inner.registry).get(&h).cloned().unwrap();
+        assert!(held.task);
+        let mut hold = inner.hold_args("hold", &held.pk, &h, &held, lease);
+        hold.push(inner.change_id());
+        inner.queue(hold, 1);
+        // The task ends, and the bound on kept reports drops its end: the hold gives back.
+        inner.queue(reports(inner, "acct", &[("t0".to_owned(), "1")]), 2);
+        inner.queue(
+            reports(inner, "acct", &tasks(100, MAX_PENDING_REPORTS, "1")),
+            3,
+        );
+        assert_eq!(queued(inner)[0], (1, "give".to_owned()));
+        let in_use = async || slots.snapshot().await.unwrap()[0].in_use;
+        assert_eq!(in_use().await, 1);
+        inner.replay().await.unwrap();
+        assert_eq!(in_use().await, 0, "the task the hold made is freed");
     }
 
     /// A stale or forged reservation's settlement queued while Redis is away leaves the

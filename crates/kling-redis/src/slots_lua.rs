@@ -507,12 +507,15 @@ end
 -- that weight is the reservation's. A task (the reservation was kept under one already: a
 -- stale copy given back), or a grant of another weight (a forged reservation), is not, and
 -- keeps its slots, else a create would get in past the pool's limit. Returns `freed`, `none`
--- (no holding `h`: given back already, or never granted) or `other`.
+-- (no holding `h`: given back already, or never granted) or `other`. With no `w` (nil: a
+-- queued hold the process turned into a give-back, its task's end dropped from the replay
+-- queue), whatever `h` is goes: that hold may have run in Redis, its answer lost, and made
+-- the grant a task.
 local function give(pk, h, w)
   local raw = redis.call('HGET', pk .. ':h', h)
   if not raw then return 'none' end
   local rec = cjson.decode(raw)
-  if rec.k ~= 'g' or tonumber(rec.w) ~= w then return 'other' end
+  if w and (rec.k ~= 'g' or tonumber(rec.w) ~= w) then return 'other' end
   release(pk, h, rec, nil)
   return 'freed'
 end
@@ -540,9 +543,9 @@ local function prove_level(pk)
   if held >= lvl then end_streak(m) end
 end
 if op == 'give' then
-  -- 5 pool key, 6 grant, 7 its weight. Also a waiting create that gave up: its place in the
-  -- fleet's queue goes, and the next in line asks. (A stale or forged reservation frees
-  -- nothing, and changes nothing.)
+  -- 5 pool key, 6 grant, 7 its weight ('': the holding, whatever it is; see `give`). Also a
+  -- waiting create that gave up: its place in the fleet's queue goes, and the next in line
+  -- asks. (A stale or forged reservation frees nothing, and changes nothing.)
   if give(ARGV[5], ARGV[6], tonumber(ARGV[7])) ~= 'other' then changed = 1 end
   if leave(ARGV[5], ARGV[6]) then redis.call('PUBLISH', P .. ':freed', ARGV[5]) end
   tidy(ARGV[5])
