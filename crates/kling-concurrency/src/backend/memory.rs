@@ -6984,4 +6984,284 @@ mod tests {
             );
         });
     }
+
+    /// Runs `f` on a new thread whose lane is not `lane` (threads take lanes in turn, so a few
+    /// new threads reach another one whatever other tests' threads took meanwhile).
+    fn on_another_lane<T: Send>(lane: usize, f: impl FnOnce() -> T + Send) -> T {
+        let f = Mutex::new(Some(f));
+        std::thread::scope(|s| {
+            loop {
+                let run = || {
+                    (lanes::current() != lane).then(|| (f.lock().unwrap().take().expect("once"))())
+                };
+                if let Some(done) = s.spawn(run).join().unwrap() {
+                    return done;
+                }
+            }
+        })
+    }
+
+    /// A grant is settled where the runtime moved its task: granted on one worker thread
+    /// (at once, or handed to a waiter there) and given back, kept under a task, or refused
+    /// by a `1303` on another, it is one the backend handed out, and frees or keeps its slots
+    /// once; the gauges end at what the pool holds.
+    #[test]
+    fn grants_settled_on_another_thread_free_their_slots_once() {
+        let log = MetricLog::default();
+        let value = |series: &str| log.values.lock().unwrap().get(series).copied();
+        let backend = InProcess::new(SlotsConfig::new(3)).unwrap();
+        let (backend, log) = (&backend, &log);
+        // One thread: the pool's three slots granted, a fourth create waiting.
+        let (lane, granted, waiting) = std::thread::scope(|s| {
+            let grants = s.spawn(|| {
+                let _recorder = metrics::set_default_local_recorder(log);
+                let granted: Vec<Reservation> = (0..3)
+                    .map(|_| granted_now(backend, key(), 1).expect("a free slot"))
+                    .collect();
+                let Err(waiting) = backend.acquire_now(key(), 1) else {
+                    panic!("the pool is full")
+                };
+                (lanes::current(), granted, waiting)
+            });
+            grants.join().unwrap()
+        });
+        // Another: one given back (the waiter served), one kept, one refused by a 1303; the
+        // waiter picks its grant up here.
+        let served = on_another_lane(lane, move || {
+            let _recorder = metrics::set_default_local_recorder(log);
+            let [first, second, third]: [Reservation; 3] = granted.try_into().unwrap();
+            let given_back = now(backend.apply(SlotOp::GiveBack(first))).unwrap();
+            assert!(given_back.changed, "a grant of another thread goes back");
+            let op = SlotOp::Hold {
+                reservation: second,
+                task: TaskRef {
+                    id: Some("t-moved".to_owned()),
+                    external_id: None,
+                },
+                lease: Duration::from_secs(600),
+            };
+            now(backend.apply(op)).unwrap();
+            assert_eq!(pool(backend, "a"), (3, 1), "kept, not counted anew");
+            let mut waiting = waiting;
+            let Poll::Ready(Ok(served)) =
+                Pin::new(&mut waiting).poll(&mut Context::from_waker(Waker::noop()))
+            else {
+                panic!("served by the give-back")
+            };
+            let refused = now(backend.apply(SlotOp::Congested(third))).unwrap();
+            assert!(refused.changed, "a 1303 of another thread's grant counts");
+            assert_eq!(pool(backend, "a"), (2, 1));
+            (lanes::current(), served)
+        });
+        // And back: the waiter's grant, picked up on the second lane, goes back on a third
+        // thread, then the task ends.
+        let _recorder = metrics::set_default_local_recorder(log);
+        let (second_lane, served) = served;
+        on_another_lane(second_lane, || {
+            let given_back = now(backend.apply(SlotOp::GiveBack(served))).unwrap();
+            assert!(given_back.changed, "a waiter's grant goes back where it is");
+        });
+        assert_eq!(
+            now(backend.apply(ended("t-moved"))).unwrap().released.len(),
+            1
+        );
+        assert_eq!(pool(backend, "a"), (0, 0), "every slot back, none twice");
+        let snapshot = &now(backend.snapshot()).unwrap()[0];
+        assert_eq!(
+            (
+                value(names::SLOTS_IN_USE),
+                value(names::SLOTS_CAPACITY),
+                value(names::SLOTS_WAITERS)
+            ),
+            (Some(0.0), Some(snapshot.capacity.into()), Some(0.0))
+        );
+    }
+
+    /// Two threads create, give back, keep, end, meet `1303`s, drop waiting creates and set
+    /// the capacity in a seeded interleaving, passing grants and tasks to each other: every
+    /// grant handed back is one the backend handed out (it frees its slots, once, wherever it
+    /// was granted), every task ends once, and the gauges end at what the pool holds.
+    #[test]
+    fn interleaved_changes_on_two_threads_leave_slots_and_gauges_exact() {
+        use std::sync::atomic::AtomicU64;
+        use std::sync::mpsc::{Receiver, Sender, channel};
+        const STEPS: u64 = 10_000;
+        enum Passed {
+            Grant(Reservation),
+            Task(String),
+        }
+        let log = MetricLog::default();
+        let value = |series: &str| log.values.lock().unwrap().get(series).copied();
+        let backend = InProcess::new(SlotsConfig::new(6)).unwrap();
+        let backend = &backend;
+        let log = &log;
+        // How far each thread got (`u64::MAX` once it stops, also in a panic).
+        let progress = [AtomicU64::new(0), AtomicU64::new(0)];
+        struct Stopped<'a>(&'a AtomicU64);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                self.0.store(u64::MAX, Ordering::Release);
+            }
+        }
+        let progress = &progress;
+        let run = |me: usize, seed: u64, to: Sender<Passed>, from: Receiver<Passed>| {
+            let (mine, other) = (&progress[me], &progress[1 - me]);
+            let _stopped = Stopped(mine);
+            let name = ["a", "b"][me];
+            let _recorder = metrics::set_default_local_recorder(log);
+            // Waiters behind a held task or a hidden slot arm a timer.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            let _entered = runtime.enter();
+            let mut rng = seed;
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let (mut grants, mut tasks) = (Vec::new(), Vec::new());
+            let mut waiting: Option<InProcessAcquire> = None;
+            let give_back = |r: Reservation| {
+                let applied = now(backend.apply_unread(SlotOp::GiveBack(r.clone()))).unwrap();
+                assert!(applied.changed, "{r:?} handed out, given back");
+            };
+            for step in 0..STEPS {
+                // Every call made its records before it returned.
+                let left = PENDING
+                    .with_borrow(|p| (p.records.len(), p.by, p.finished.is_some(), LEFT.get()));
+                assert_eq!(left, (0, [0; 3], false, false), "left after step {step}");
+                // In step, so that each takes what the other passes it.
+                mine.store(step, Ordering::Release);
+                while other.load(Ordering::Acquire).saturating_add(8) < step {
+                    std::thread::yield_now();
+                }
+                while let Ok(passed) = from.try_recv() {
+                    match passed {
+                        Passed::Grant(r) => grants.push(r),
+                        Passed::Task(id) => tasks.push(id),
+                    }
+                }
+                match next() % 10 {
+                    0 | 1 if waiting.is_none() => {
+                        match backend.acquire_now(key(), 1 + (next() % 2) as u32) {
+                            Ok(Ok(r)) => grants.push(r),
+                            Ok(Err(error)) => panic!("{error}"),
+                            Err(acquire) => waiting = Some(acquire),
+                        }
+                    }
+                    2 => grants.pop().into_iter().for_each(give_back),
+                    3 => {
+                        if let Some(r) = grants.pop() {
+                            to.send(Passed::Grant(r)).unwrap();
+                        }
+                    }
+                    4 | 5 => {
+                        if let Some(reservation) = grants.pop() {
+                            let id = format!("{name}-{step}");
+                            let op = SlotOp::Hold {
+                                reservation,
+                                task: TaskRef {
+                                    id: Some(id.clone()),
+                                    external_id: None,
+                                },
+                                lease: Duration::from_secs(600),
+                            };
+                            now(backend.apply_unread(op)).unwrap();
+                            if next() % 2 == 0 {
+                                tasks.push(id);
+                            } else {
+                                to.send(Passed::Task(id)).unwrap();
+                            }
+                        }
+                    }
+                    6 | 7 => {
+                        if let Some(id) = tasks.pop() {
+                            let released = now(backend.apply(ended(&id))).unwrap().released;
+                            assert_eq!(released.len(), 1, "{id} ends once");
+                        }
+                    }
+                    0 | 1 if next() % 4 == 0 => {
+                        // A create that gives up: it leaves the queue, or its grant goes back.
+                        waiting = None;
+                    }
+                    0 | 1 | 8 => {
+                        if let Some(mut acquire) = waiting.take() {
+                            let mut cx = Context::from_waker(Waker::noop());
+                            match Pin::new(&mut acquire).poll(&mut cx) {
+                                Poll::Ready(Ok(r)) => grants.push(r),
+                                Poll::Ready(Err(error)) => panic!("{error}"),
+                                Poll::Pending => waiting = Some(acquire),
+                            }
+                        }
+                    }
+                    _ => match next() % 8 {
+                        0 => {
+                            if let Some(r) = grants.pop() {
+                                let op = SlotOp::Congested(r.clone());
+                                let applied = now(backend.apply_unread(op)).unwrap();
+                                assert!(applied.changed, "{r:?} handed out, refused");
+                            }
+                        }
+                        1 => {
+                            let op = SlotOp::SetCapacity {
+                                account: None,
+                                pool: key().pool,
+                                capacity: 5 + (next() % 2) as u32,
+                            };
+                            now(backend.apply_unread(op)).unwrap();
+                        }
+                        _ => {}
+                    },
+                }
+            }
+            drop(waiting);
+            grants.into_iter().for_each(give_back);
+            for id in tasks {
+                assert_eq!(now(backend.apply(ended(&id))).unwrap().released.len(), 1);
+            }
+            from
+        };
+        let (to_b, from_a) = channel();
+        let (to_a, from_b) = channel();
+        let (left_a, left_b) = std::thread::scope(|s| {
+            let a = s.spawn(move || run(0, 0x9e37_79b9_7f4a_7c15, to_b, from_b));
+            let b = s.spawn(move || run(1, 0xd1b5_4a32_d192_ed03, to_a, from_a));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        // What each passed the other after it finished.
+        let _recorder = metrics::set_default_local_recorder(log);
+        for passed in left_a.try_iter().chain(left_b.try_iter()) {
+            match passed {
+                Passed::Grant(r) => {
+                    let applied = now(backend.apply(SlotOp::GiveBack(r))).unwrap();
+                    assert!(applied.changed);
+                }
+                Passed::Task(id) => {
+                    assert_eq!(now(backend.apply(ended(&id))).unwrap().released.len(), 1);
+                }
+            }
+        }
+        let snapshot = &now(backend.snapshot()).unwrap()[0];
+        assert_eq!(
+            (snapshot.in_use, snapshot.tasks, snapshot.waiters),
+            (0, 0, 0)
+        );
+        assert_eq!(
+            (
+                value(names::SLOTS_IN_USE),
+                value(names::SLOTS_CAPACITY),
+                value(names::SLOTS_WAITERS)
+            ),
+            (Some(0.0), Some(snapshot.capacity.into()), Some(0.0))
+        );
+        let grants: usize = backend.lock().list[0]
+            .free
+            .iter()
+            .map(|l| l.grants.len())
+            .sum();
+        assert_eq!(grants, 0, "no grant left on any lane");
+    }
 }
