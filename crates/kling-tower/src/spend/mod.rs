@@ -264,27 +264,59 @@ struct Account {
     /// create, out), with how many carry each: a task reported with one of them may be that
     /// create's, which its answer will charge, so it takes no unknown create's estimate.
     /// Bounded by the creates out; carried across periods, as they are.
-    sending: HashMap<String, usize>,
+    sending: IdCounts,
 }
 
 impl Account {
     /// A create with the caller's external id `id` is out.
     fn sending(&mut self, id: Option<&str>) {
         if let Some(id) = id {
-            *self.sending.entry(id.to_owned()).or_default() += 1;
+            self.sending.add(id);
         }
     }
 
     /// A create with the caller's external id `id` is settled.
     fn settled(&mut self, id: Option<&str>) {
-        if let Some(id) = id
-            && let Some(count) = self.sending.get_mut(id)
-        {
-            *count -= 1;
-            if *count == 0 {
-                self.sending.remove(id);
+        if let Some(id) = id {
+            self.sending.remove(id);
+        }
+    }
+}
+
+/// A multiset of ids: how many of the entries it counts carry each id, an id dropped when
+/// none does.
+#[derive(Debug, Default)]
+struct IdCounts(HashMap<String, usize>);
+
+impl IdCounts {
+    fn add(&mut self, id: &str) {
+        match self.0.get_mut(id) {
+            Some(count) => *count += 1,
+            None => {
+                self.0.insert(id.to_owned(), 1);
             }
         }
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(count) = self.0.get_mut(id) {
+            *count -= 1;
+            if *count == 0 {
+                self.0.remove(id);
+            }
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.0.contains_key(id)
+    }
+
+    fn total(&self) -> usize {
+        self.0.values().sum()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
     }
 }
 
@@ -325,18 +357,18 @@ struct UnknownCreates {
     order: VecDeque<(String, Nanos)>,
     /// External id → how many entries of `order` carry it: a report naming none of them is
     /// passed over without a search.
-    counts: HashMap<String, usize>,
+    counts: IdCounts,
 }
 
 impl UnknownCreates {
     /// Remembers a create; returns whether the oldest was forgotten to make room.
     fn insert(&mut self, id: String, estimate: Nanos) -> bool {
-        *self.counts.entry(id.clone()).or_default() += 1;
+        self.counts.add(&id);
         self.order.push_back((id, estimate));
         if self.order.len() > UNKNOWN_CREATES_KEPT
             && let Some((oldest, _)) = self.order.pop_front()
         {
-            self.uncount(&oldest);
+            self.counts.remove(&oldest);
             return true;
         }
         false
@@ -346,7 +378,7 @@ impl UnknownCreates {
     /// those), forgotten now. The task reported may be any one's: the larger estimates stay
     /// charged for the tasks the others may have made, so the account is never under-counted.
     fn take(&mut self, id: &str) -> Option<Nanos> {
-        if !self.counts.contains_key(id) {
+        if !self.counts.contains(id) {
             return None;
         }
         let at = self
@@ -357,17 +389,8 @@ impl UnknownCreates {
             .min_by_key(|(_, (_, estimate))| *estimate)
             .map(|(at, _)| at)?;
         let (id, estimate) = self.order.remove(at)?;
-        self.uncount(&id);
+        self.counts.remove(&id);
         Some(estimate)
-    }
-
-    fn uncount(&mut self, id: &str) {
-        if let Some(count) = self.counts.get_mut(id) {
-            *count -= 1;
-            if *count == 0 {
-                self.counts.remove(id);
-            }
-        }
     }
 
     fn len(&self) -> usize {
@@ -420,7 +443,7 @@ impl fmt::Debug for Ledger {
                     .field("awaited_tasks", &sum(|a| a.tasks.len()))
                     .field("charged_tasks", &sum(|a| a.charged.order.len()))
                     .field("unknown_creates", &sum(|a| a.unknown.len()))
-                    .field("sending", &sum(|a| a.sending.values().sum()));
+                    .field("sending", &sum(|a| a.sending.total()));
             }
             None => {
                 debug.field("accounts", &format_args!("<locked>"));
@@ -449,7 +472,7 @@ impl Ledger {
             tasks: HashMap::new(),
             charged: ChargedTasks::default(),
             unknown: UnknownCreates::default(),
-            sending: HashMap::new(),
+            sending: IdCounts::default(),
         });
         if now >= account.period_start + self.period {
             let periods = (now - account.period_start).as_nanos() / self.period.as_nanos().max(1);
@@ -602,7 +625,7 @@ impl Ledger {
         };
         if account.tasks.contains_key(&report.id)
             || account.charged.contains(&report.id)
-            || account.sending.contains_key(external_id)
+            || account.sending.contains(external_id)
         {
             return;
         }
