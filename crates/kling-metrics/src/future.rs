@@ -68,7 +68,9 @@ pub(crate) struct Call {
     pub(crate) pool: labels::Value,
     pub(crate) monitor: MonitorHandle,
     pub(crate) target: Target,
-    /// A create's send watch, shared with the layers below (see [`Call::dropped`]).
+    /// A create's send watch, shared with the layers below (see [`Call::dropped`]); only made
+    /// while the lane does not know that a classify step below counts its requests (the watch
+    /// is read only then).
     pub(crate) watch: Option<SendWatch>,
     /// Whether the request carries this lane's [`kling_core::signals::SendCounter`], for a
     /// classify step below to count each request it sends (see [`Call::counted_below`]).

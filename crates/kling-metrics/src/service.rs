@@ -28,11 +28,12 @@ use crate::{Monitor, labels};
 /// Only passes through: it never changes a response, and of a request only its signals, where
 /// it puts its [`SendCounter`] (a classify step below counts in the [`Monitor`]'s rate window
 /// each request it sends, at the instant it was sent: every attempt of a retried call, an
-/// auth layer's resend, a call dropped in flight) and a create's
-/// [`SendWatch`](kling_core::signals::SendWatch) (shared with the layers below, so that a
-/// create dropped after it left counts in the rate window when no classify step below counts
-/// it). Its error is the inner error as a [`BoxError`] (the stack's error type), so it can read
-/// a Kling code out of an error that carries a [`kling_core::error::ApiError`].
+/// auth layer's resend, a call dropped in flight) and, until its lane knows that a classify
+/// step below counts them, a create's [`SendWatch`](kling_core::signals::SendWatch) (shared with
+/// the layers below, so that a create dropped after it left counts in the rate window when no
+/// classify step below counts it). Its error is the inner error as a [`BoxError`] (the stack's
+/// error type), so it can read a Kling code out of an error that carries a
+/// [`kling_core::error::ApiError`].
 ///
 /// # Clone
 ///
@@ -214,20 +215,30 @@ where
             wait_rate_limit_s = Empty,
             wait_slots_s = Empty,
         );
-        // Whether a create dropped before its answer had left (see `Call::dropped`): the
-        // layers below that hold it back unsent (the task slots, the rate limiter, the retry
-        // layer's backoff) say so in this watch, which the task slots would make for every
-        // create anyway. Not made for other requests: it would cost each an allocation.
-        // And where a classify step below counts each request it sends: a reference count on
+        // Where a classify step below counts each request it sends: a reference count on
         // this thread's lane, in the signals the request carries (the stack's requests all
-        // do, and a create's watch puts them in). Not put in a request without them: that
+        // do, and a create always gets them). Not put in another request without them: that
         // would cost it allocations, and the layer counts its requests when it ends, as before.
+        // And whether a create dropped before its answer had left (see `Call::dropped`): the
+        // layers below that hold it back unsent (the task slots, the rate limiter, the retry
+        // layer's backoff) say so in a watch. Only read while the lane does not know that a
+        // classify step below counts its requests (`Call::counted_below`; once it knows, it
+        // always does), so only made then: afterwards it cost each create reference-count
+        // writes for nothing, and an allocation where no layer below makes a watch (those that
+        // read one make their own). Not made for other requests: it would cost each an
+        // allocation.
         let (watch, counter) = if kind == RequestKind::Create {
+            let counted_below = lane.counted_below();
             let counter = SendCounter::new(lane.clone());
-            (
-                Some(SendCounter::set_with_watch(&mut request, counter)),
-                true,
-            )
+            if counted_below {
+                SendCounter::set(&mut request, counter);
+                (None, true)
+            } else {
+                (
+                    Some(SendCounter::set_with_watch(&mut request, counter)),
+                    true,
+                )
+            }
         } else {
             let counted =
                 SendCounter::set_in_signals(&mut request, || SendCounter::new(lane.clone()));

@@ -363,3 +363,87 @@ async fn an_answer_past_the_classify_step_counts_when_a_layer_between_parsed_it(
     stack.oneshot(query).await.unwrap();
     assert_eq!(requests(), 3, "through the step, once");
 }
+
+/// The layer reads a create's send watch only while its lane does not know that a classify
+/// step below counts its requests, and so puts one in a create only then. Once the lane knows,
+/// a create still counts as before: not when dropped while a layer below holds it back unsent
+/// (a layer that reads a watch, as the task slots do, makes its own), once when dropped after
+/// it was handed on toward Kling (the classify step counts it), once when answered.
+#[tokio::test(start_paused = true)]
+async fn a_create_gets_no_watch_once_the_lane_knows_the_classify_step_counts_and_counts_as_before()
+{
+    use kling_core::signals::{ExtensionsCopy, SendWatch};
+
+    // An hour's window: every request below stays in it.
+    let monitor = Monitor::builder()
+        .rate_quota(3600, Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let requests = || monitor.snapshot().rate.requests;
+    // Whether each create reached this layer with a watch in its signals.
+    let watched = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&watched);
+    let classify = ClassifyLayer::new().layer(kling(|_| Some((10, OK))));
+    // What the task slots do: a watch of their own when the create carries none, the create
+    // held back for five minutes, then handed on. A create to `/direct` is sent at once.
+    let below = tower::service_fn(move |mut req: http::Request<Full<Bytes>>| {
+        seen.lock()
+            .unwrap()
+            .push(ExtensionsCopy::of(req.extensions()).send_watch().is_some());
+        let held = !req.uri().path().ends_with("/direct");
+        let watch = SendWatch::shared(&mut req);
+        if held {
+            SendWatch::held(&req);
+        }
+        let classify = classify.clone();
+        async move {
+            if held {
+                sleep(Duration::from_secs(300)).await;
+                SendWatch::handed(&req);
+            }
+            let answer = classify.oneshot(req).await;
+            drop(watch);
+            answer
+        }
+    });
+    let stack = MetricsLayer::with_monitor(monitor.clone()).layer(below);
+    let create = |path: &str| support::request("POST", path, r#"{"prompt":"x"}"#, "k");
+
+    // The first create teaches the lane that the classify step counts.
+    stack
+        .clone()
+        .oneshot(create("/text-to-video/direct"))
+        .await
+        .unwrap();
+    assert_eq!(requests(), 1);
+
+    // Dropped while held back: Kling never saw it.
+    let waited = timeout(
+        Duration::from_secs(100),
+        stack.clone().oneshot(create("/v1/videos/text2video")),
+    );
+    assert!(waited.await.is_err(), "timed out");
+    assert_eq!(requests(), 1, "held back unsent");
+
+    // Dropped after it was handed on, while Kling works on it.
+    let sent = timeout(
+        Duration::from_secs(305),
+        stack.clone().oneshot(create("/v1/videos/text2video")),
+    );
+    assert!(sent.await.is_err(), "timed out");
+    assert_eq!(requests(), 2, "counted by the classify step, in flight");
+
+    // Answered: once.
+    stack
+        .clone()
+        .oneshot(create("/v1/videos/text2video"))
+        .await
+        .unwrap();
+    assert_eq!(requests(), 3, "once, when answered");
+
+    assert_eq!(
+        *watched.lock().unwrap(),
+        [true, false, false, false],
+        "a watch only before the lane knew"
+    );
+}
