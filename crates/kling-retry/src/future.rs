@@ -244,7 +244,7 @@ where
                 state: State::Done,
             },
         );
-        boxed.call.template.copy_headers(request);
+        boxed.call.template.copy_in_place(request);
         Prepared(boxed)
     }
 

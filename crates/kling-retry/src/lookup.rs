@@ -393,13 +393,32 @@ impl GeneratedId {
 }
 
 /// A generated id written into a create's body: enough to write it into the original body
-/// again, for a retry. The id's 16 random bytes, not its 35 digits: every create's retry
-/// template keeps one, and a retry (rare) writes the digits again.
+/// again, for a retry. The id's 16 random bytes, not its 35 digits, and the field as one byte,
+/// not a `&str`: every create's retry template keeps one (18 bytes, not 40), and a retry (rare)
+/// writes the digits again.
 pub(crate) struct Spliced {
-    field: &'static str,
+    field: IdField,
     bits: [u8; 16],
     /// The body named the field already (unset): it is set, not spliced in.
     rewrite: bool,
+}
+
+/// The body field that names a create's external id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IdField {
+    /// `external_task_id`, on legacy paths.
+    ExternalTaskId,
+    /// `external_id`, on new-style ones.
+    ExternalId,
+}
+
+impl IdField {
+    fn name(self) -> &'static str {
+        match self {
+            IdField::ExternalTaskId => "external_task_id",
+            IdField::ExternalId => "external_id",
+        }
+    }
 }
 
 impl Spliced {
@@ -413,7 +432,7 @@ impl Spliced {
         let id = GeneratedId::of(self.bits);
         let rewritten = write_field(
             &original.peek_bytes(),
-            self.field,
+            self.field.name(),
             id.as_bytes(),
             self.rewrite,
         )
@@ -452,7 +471,7 @@ pub(crate) fn add_generated_id<B: ReplayBody>(
     // One draw of 128 bits: one atomic step of the shared `SplitMix`, not two.
     let bits = rng.next_u128().to_be_bytes();
     let id = GeneratedId::of(bits);
-    let original = splice_into_body(request, field, id.as_bytes(), rewrite)?;
+    let original = splice_into_body(request, field.name(), id.as_bytes(), rewrite)?;
     Recognized::set_external_id(request, Some(id.as_str().to_owned()));
     Some((
         original,
@@ -465,10 +484,10 @@ pub(crate) fn add_generated_id<B: ReplayBody>(
 }
 
 /// The body field that names a create's external id, by API generation.
-fn field_name(recognized: &Recognized) -> Option<&'static str> {
+fn field_name(recognized: &Recognized) -> Option<IdField> {
     match recognized.generation? {
-        ApiGeneration::Legacy => Some("external_task_id"),
-        _ => Some("external_id"),
+        ApiGeneration::Legacy => Some(IdField::ExternalTaskId),
+        _ => Some(IdField::ExternalId),
     }
 }
 

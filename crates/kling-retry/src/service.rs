@@ -138,7 +138,8 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         // The call's clock reading, shared with the layers above and below (`call_clock`).
         let (now, _scope) = call_clock::enter();
-        let handle = self.lanes.get();
+        // The future's reference, on this thread's lane (one thread-local read serves both).
+        let handle = self.lanes.lane();
         let shared = &*handle.shared;
         shared.budget.deposit_at(now);
         let own = shared.deadline.and_then(|d| now.checked_add(d));
@@ -154,7 +155,6 @@ where
         if handle.spare.get().is_none() {
             let _ = handle.spare.set(Mutex::new(self.inner.clone()));
         }
-        let handle = self.lanes.lane();
         // A create given an id the caller never saw is watched (the template copies the watch
         // with the signals), so that a call dropped while its first attempt is out knows
         // whether a layer below still held it back unsent (and warns, naming the id, only when
