@@ -2,14 +2,18 @@
 //!
 //! The workspace denies `unsafe_code`; this module is one of kling-bench's two exceptions (the
 //! other is `cpu::thread`'s clock call), because a `GlobalAlloc` implementation is `unsafe` by
-//! definition. It only forwards to the system
-//! allocator and adds to a few atomic counters (and keeps a high-water mark with `fetch_max`),
-//! and only while counting is switched on, so the timed runs pay one relaxed load per
-//! allocation and nothing else.
+//! definition. It only forwards to the system allocator and adds to a few atomic counters (and
+//! keeps a high-water mark with `fetch_max`), and only while counting is switched on, so the
+//! timed runs pay one relaxed load per allocation and nothing else.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+/// The largest block glibc's allocator serves from its per-thread cache (`tcache`) on a 64-bit
+/// target: a larger one comes from its arena's bins, at about 180 instructions more for the
+/// `malloc` and its `free`, and an arena lock on each `free` (kling-retry's CHANGELOG).
+pub const THREAD_CACHE_MAX_BYTES: usize = 1_032;
 
 /// The system allocator, counting while [`Counting::start`] is in force.
 #[derive(Debug)]
@@ -20,6 +24,7 @@ static ALLOCS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
 static LIVE: AtomicI64 = AtomicI64::new(0);
 static PEAK: AtomicI64 = AtomicI64::new(0);
+static LARGE: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: every call is forwarded unchanged to `System`, which upholds `GlobalAlloc`'s contract;
 // the counters are plain atomics that never allocate.
@@ -28,6 +33,9 @@ unsafe impl GlobalAlloc for Counting {
         if ON.load(Ordering::Relaxed) {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
             BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+            if layout.size() > THREAD_CACHE_MAX_BYTES {
+                LARGE.fetch_add(1, Ordering::Relaxed);
+            }
             let size = layout.size() as i64;
             PEAK.fetch_max(
                 LIVE.fetch_add(size, Ordering::Relaxed) + size,
@@ -50,6 +58,9 @@ unsafe impl GlobalAlloc for Counting {
         if ON.load(Ordering::Relaxed) {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
             BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+            if new_size > THREAD_CACHE_MAX_BYTES {
+                LARGE.fetch_add(1, Ordering::Relaxed);
+            }
             let grown = new_size as i64 - layout.size() as i64;
             PEAK.fetch_max(
                 LIVE.fetch_add(grown, Ordering::Relaxed) + grown,
@@ -76,6 +87,8 @@ pub struct Counts {
     /// The highest `live` reached while counting (the allocator's high-water mark, kept with
     /// a `fetch_max` on every allocation: not sampled).
     pub peak: i64,
+    /// Allocations (and reallocations) of more than [`THREAD_CACHE_MAX_BYTES`].
+    pub large: u64,
 }
 
 impl Counting {
@@ -85,6 +98,7 @@ impl Counting {
         BYTES.store(0, Ordering::Relaxed);
         LIVE.store(0, Ordering::Relaxed);
         PEAK.store(0, Ordering::Relaxed);
+        LARGE.store(0, Ordering::Relaxed);
         ON.store(true, Ordering::SeqCst);
     }
 
@@ -95,6 +109,7 @@ impl Counting {
             bytes: BYTES.load(Ordering::Relaxed),
             live: LIVE.load(Ordering::Relaxed),
             peak: PEAK.load(Ordering::Relaxed),
+            large: LARGE.load(Ordering::Relaxed),
         }
     }
 

@@ -936,6 +936,17 @@ pub fn allocations_per_request(name: &str, lives: usize) -> Option<(f64, f64)> {
     Some(allocations(subject.as_ref(), &rt, &fixtures, lives))
 }
 
+/// Allocations per request of more than [`THREAD_CACHE_MAX_BYTES`](crate::alloc::THREAD_CACHE_MAX_BYTES) by the subject named
+/// `name` (exactly) on its success path, counted as [`allocations_per_request`] counts.
+pub fn large_allocations_per_request(name: &str, lives: usize) -> Option<f64> {
+    let rt = runtime();
+    let fixtures = Fixtures::new();
+    let subjects = subjects(&fixtures);
+    let subject = subjects.iter().find(|s| s.name() == name)?;
+    let counts = subject.count(&rt, &fixtures, (lives / 4).max(LIVE), lives);
+    Some(counts.large as f64 / (lives * 2) as f64)
+}
+
 /// Every subject's name and the subject its added cost is taken over, in the table's order.
 pub fn subject_names() -> Vec<(String, Option<&'static str>)> {
     subjects(&Fixtures::new())

@@ -449,6 +449,25 @@ fn the_stack_allocates_no_more_per_request_than_benchmarks_says() {
     }
 }
 
+/// No allocation on the Pro stack's success path is too large for glibc's per-thread cache
+/// (`alloc::THREAD_CACHE_MAX_BYTES`): the retry layer's call (its template, state and the
+/// attempt's future, one block) was 1,056 bytes until `8df0c9c`, and each request paid about
+/// 180 instructions more for that `malloc` and its `free`. A layer below the retry layer whose
+/// future grows pushes the block over again without a change of the retry layer's: this
+/// names it. (A rare large one, a table growing, is allowed: under one in a thousand requests.)
+#[test]
+fn no_allocation_per_request_is_too_large_for_the_allocators_thread_cache() {
+    let _alone = alone();
+    let large =
+        overhead::large_allocations_per_request(overhead::PRO_STACK, 2_000).expect("a subject");
+    assert!(
+        large < 0.001,
+        "{}: {large:.3} allocations per request of more than {} bytes",
+        overhead::PRO_STACK,
+        kling_bench::alloc::THREAD_CACHE_MAX_BYTES
+    );
+}
+
 /// The allocations counted per request are the requests' alone: the same over 100 lives as
 /// over 2,000. When the count took in the building of the service and the timing's own reads
 /// of `/proc` (the warm-up ran on another instance), 100 lives read about 0.5 allocations a
