@@ -28,15 +28,16 @@
 //! only makes a token valid from further back, and each step short of the skew would fail
 //! every call that carried it.
 //!
-//! Every request clones the `Authorization` value, and never takes a lock to do it: an API
-//! key's value is built once per layer, in bytes the layer and the requests that carry it
-//! share (a clone is a reference count; the bytes are freed with the layer and the last such
+//! Every request clones the `Authorization` value, and never takes a lock to do it: an API key's
+//! value is built once per layer and thread lane ([`kling_core::lanes`]), each copy in bytes of its
+//! own that the layer and the requests carrying that copy share (a clone is a reference count,
+//! written by that lane's threads alone; the bytes are freed with the layer and the last such
 //! request, never kept for the life of the process), and each thread keeps its own copy of the
-//! current JWT, checked against the shared token's generation with a plain read, so the lock
-//! is taken only to sign or to drop a token. A thread's copy goes with its layer: at once on the
+//! current JWT, checked against the shared token's generation with a plain read, so the lock is
+//! taken only to sign or to drop a token. A thread's copy goes with its layer: at once on the
 //! thread that drops the layer, and on any other thread at its next JWT request (a thread that
-//! sends none keeps the token, never the keys, until it ends); only the layer that made a copy
-//! ever sends it.
+//! sends none keeps the token, never the keys, until it ends); only the layer that made a copy ever
+//! sends it.
 //!
 //! # New-style endpoints take an API key
 //!
@@ -104,6 +105,7 @@ use http_body_util::Full;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use kling_core::call_clock;
 use kling_core::error::{NotSent, RefusedBeforeSending};
+use kling_core::lanes::{self, LANES};
 use kling_core::signals::TokenDropped;
 use kling_core::{AccountId, ApiGeneration, BoxError, Recognized, RequestKind, Route};
 use serde::Serialize;
@@ -330,8 +332,8 @@ pub(crate) struct Shared {
     /// `clock.passes_with_tokio()`, asked once.
     passes_with_tokio: bool,
     renew_before: Duration,
-    /// The fixed header of an API key ([`api_key_header`]).
-    static_header: Option<HeaderValue>,
+    /// The fixed header of an API key, one copy per thread lane ([`ApiKeyHeaders`]).
+    static_header: Option<ApiKeyHeaders>,
     /// The issuer and key of a JWT.
     signer: Option<(Arc<str>, EncodingKey)>,
     token: Mutex<Option<Token>>,
@@ -363,8 +365,8 @@ impl Shared {
     /// needed), copied for this thread.
     #[inline]
     fn header(self: &Arc<Self>, owner: bool) -> Result<Found, SigningError> {
-        if let Some(header) = &self.static_header {
-            return Ok((header.clone(), 0, None));
+        if let Some(headers) = &self.static_header {
+            return Ok((headers.get().clone(), 0, None));
         }
         // A clock whose time passes as tokio's: the call's reading of tokio's clock, which
         // the layers above took already, instead of a wall-clock read per request.
@@ -498,18 +500,46 @@ impl Drop for Shared {
     }
 }
 
-/// `Bearer <key>`, marked sensitive, over bytes the value and its clones own together: every
-/// request clones the layer's value (a reference count, no allocation, no lock), and the bytes
-/// are freed when the layer and the last request carrying them are gone. Never kept for the
-/// life of the process: a gateway that builds stacks from many keys, or a process that rotates
-/// keys, holds only the keys in use.
+/// An API key's `Authorization` value, one copy per thread lane ([`kling_core::lanes`]).
+///
+/// Every request clones its thread's copy: a reference count, no allocation, no lock. Each
+/// copy is `Bearer <key>`, marked sensitive, over bytes of its own (their count alone on its
+/// cache lines, [`BearerText`]), so the threads of a runtime each write their own count: one
+/// copy for all of them had its count's line move between their cores twice a request
+/// (`bytes::bytes::owned_clone`). A copy's bytes are freed when the layer and the last request
+/// carrying them are gone, never kept for the life of the process: a gateway that builds
+/// stacks from many keys, or a process that rotates keys, holds only the keys in use.
+struct ApiKeyHeaders([HeaderValue; LANES]);
+
+impl ApiKeyHeaders {
+    /// The copies of `Bearer <key>`, or `None` when it is no header value (refused when the
+    /// credentials were made).
+    fn new(key: &str) -> Option<ApiKeyHeaders> {
+        let copies: Vec<HeaderValue> = (0..LANES)
+            .map(|_| api_key_header(key))
+            .collect::<Option<_>>()?;
+        copies.try_into().ok().map(ApiKeyHeaders)
+    }
+
+    /// The current thread's copy.
+    #[inline]
+    fn get(&self) -> &HeaderValue {
+        // (`current` is below `LANES` already: the remainder only spares a bounds check.)
+        &self.0[lanes::current() % LANES]
+    }
+}
+
+/// `Bearer <key>`, marked sensitive, over bytes the value and its clones own together.
 fn api_key_header(key: &str) -> Option<HeaderValue> {
     let mut value = HeaderValue::from_maybe_shared(Bytes::from_owner(BearerText::new(key))).ok()?;
     value.set_sensitive(true);
     Some(value)
 }
 
-/// The text of an API key's `Authorization` value, owned by the bytes made from it.
+/// The text of an API key's `Authorization` value, owned by the bytes made from it. Aligned as
+/// a lane ([`kling_core::lanes::Lane`]): the bytes' reference count is kept beside it, and so
+/// lies on cache lines no other value shares.
+#[repr(align(128))]
 struct BearerText(String);
 
 impl BearerText {
@@ -568,7 +598,7 @@ impl AuthLayer {
         renew_before: Duration,
     ) -> AuthLayer {
         let static_header = match &credentials.kind {
-            Kind::ApiKey(key) => api_key_header(key),
+            Kind::ApiKey(key) => ApiKeyHeaders::new(key),
             Kind::AccessKey { .. } => None,
         };
         let signer = match &credentials.kind {
@@ -1370,6 +1400,46 @@ mod tests {
         );
     }
 
+    /// Each thread lane sends a copy of the API key's value in bytes of its own, so the
+    /// threads of a runtime write their own reference counts: every copy is the same sensitive
+    /// `Bearer <key>`, a thread keeps sending its lane's, and no two lanes share bytes (nor,
+    /// with the text aligned as a lane, the cache lines of their counts).
+    #[test]
+    fn each_lane_sends_an_api_key_value_of_its_own() {
+        let layer = AuthLayer::new(Credentials::api_key("key-lanes").unwrap());
+        let headers = layer.shared.static_header.as_ref().expect("an API key");
+        for (i, header) in headers.0.iter().enumerate() {
+            assert_eq!(header, "Bearer key-lanes");
+            assert!(header.is_sensitive());
+            let others = &headers.0[i + 1..];
+            assert!(
+                others
+                    .iter()
+                    .all(|other| other.as_bytes().as_ptr() != header.as_bytes().as_ptr()),
+                "lane {i} shares its bytes"
+            );
+        }
+        assert!(std::mem::align_of::<BearerText>() >= 128);
+        let here = lanes::current();
+        let sent = pair(&layer.shared).0;
+        assert_eq!(
+            sent.as_bytes().as_ptr(),
+            headers.0[here].as_bytes().as_ptr()
+        );
+        // Another thread sends its own lane's copy.
+        let shared = layer.shared.clone();
+        let (lane, theirs) = std::thread::spawn(move || {
+            let sent = pair(&shared).0;
+            (lanes::current(), sent.as_bytes().as_ptr() as usize)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(theirs, headers.0[lane].as_bytes().as_ptr() as usize);
+        for shown in [format!("{layer:?}"), format!("{sent:?}")] {
+            assert!(!shown.contains("key-lanes"), "{shown}");
+        }
+    }
+
     /// A thousand layers, each with a key of its own: the value of each is freed with the layer
     /// and the requests that carried it, none is kept for the life of the process.
     #[test]
@@ -1378,6 +1448,7 @@ mod tests {
         let before = live();
         for i in 0..1000 {
             let layer = AuthLayer::new(Credentials::api_key(format!("rotated-{i}")).unwrap());
+            assert_eq!(live(), before + LANES as isize, "one value per lane");
             let sent = layer.authorization().unwrap();
             assert_eq!(sent, format!("Bearer rotated-{i}").as_str());
             drop(layer);
