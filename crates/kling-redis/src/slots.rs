@@ -303,6 +303,10 @@ struct Held {
     /// When a report of ours last said the task runs (`None`: not since `since`): its lease
     /// runs from then.
     renewed: Option<Instant>,
+    /// The lease Redis had for it when a maintenance pass last read it: when the pass read
+    /// it, and when that lease ends. Another process's report of the task (a query, a
+    /// callback) renews it there, unseen by `renewed`.
+    in_redis: Option<(Instant, Instant)>,
     /// Known to exist in Redis (pruned when it no longer does).
     registered: bool,
     /// A task a reconcile adopted: a create of unknown outcome under its external id, in a
@@ -311,11 +315,18 @@ struct Held {
 }
 
 impl Held {
-    /// What is left of its lease at `now`, as far as this process knows (a report of the task
-    /// by another process may have renewed it in Redis); `None` once it ran out.
+    /// What is left of its lease at `now`, as far as this process knows: from its own last
+    /// word on the task, or to the end of the lease Redis had when a maintenance pass read it
+    /// after that word, if later (a report of the task by another process renewed it there);
+    /// `None` once it ran out. Never sooner than its own word: a report of ours made before
+    /// the pass may have reached Redis after it.
     fn lease_left(&self, now: Instant) -> Option<Duration> {
         let from = self.renewed.unwrap_or(self.since);
-        match from.checked_add(self.lease) {
+        let end = match (from.checked_add(self.lease), self.in_redis) {
+            (Some(own), Some((read, until))) if read >= from => Some(own.max(until)),
+            (own, _) => own,
+        };
+        match end {
             Some(end) => Some(end.checked_duration_since(now)?).filter(|left| !left.is_zero()),
             None => Some(self.lease),
         }
@@ -1385,6 +1396,7 @@ impl Inner {
                     task: true,
                     since: Instant::now(),
                     renewed: None,
+                    in_redis: None,
                     lease,
                     registered: false,
                     adopted: false,
@@ -1477,6 +1489,7 @@ impl Inner {
                     task: true,
                     since: Instant::now(),
                     renewed: None,
+                    in_redis: None,
                     lease,
                     registered: false,
                     adopted: true,
@@ -2386,6 +2399,12 @@ impl Inner {
                     match held.map(|held| (held.lease_left(Instant::now()), held)) {
                         Some((None, _)) => {
                             // Its lease ran out while Redis was away: nothing to register.
+                            // Redis has it only if the ask that granted it ran, its answer
+                            // lost; its lease there began at that ask, before this one, so it
+                            // is over there too, and the pool's next ask releases it before
+                            // counting the pool's use: no decision counts it, and its hold
+                            // counts anew
+                            // (`a_grant_dropped_at_its_lease_end_is_counted_by_no_decision`).
                             lock(&self.registry).remove(h);
                             Ok(())
                         }
@@ -2496,16 +2515,19 @@ impl Inner {
             finished.record();
             return registered;
         }
-        // 3. Prune what others released for us (a query of theirs, a lease).
-        let registered: Vec<(String, String)> = lock(&self.registry)
+        // 3. Prune what others released for us (a query of theirs, a lease), and note the
+        // lease Redis has for the rest (a query of theirs renews it there).
+        let registered: Vec<(String, String, (Instant, bool))> = lock(&self.registry)
             .iter()
             .filter(|(_, held)| held.registered)
-            .map(|(h, held)| (held.pk.clone(), h.clone()))
+            .map(|(h, held)| (held.pk.clone(), h.clone(), (held.since, held.task)))
             .collect();
         if !registered.is_empty() {
-            let [p, now, grace] = self.head(self.now_us().await?);
+            let now_us = self.now_us().await?;
+            let read = Instant::now();
+            let [p, now, grace] = self.head(now_us);
             let mut args = vec![p, now, grace, "ex".to_owned()];
-            for (pk, h) in &registered {
+            for (pk, h, _) in &registered {
                 args.push(pk.clone());
                 args.push(h.clone());
             }
@@ -2519,10 +2541,25 @@ impl Inner {
                 return Ok(());
             }
             if let Some(Value::Array(flags)) = items.get(2) {
+                let untils = match items.get(3) {
+                    Some(Value::Array(untils)) => untils.as_slice(),
+                    _ => &[],
+                };
                 let mut registry = lock(&self.registry);
-                for ((_, h), flag) in registered.iter().zip(flags) {
+                for (i, ((_, h, which), flag)) in registered.iter().zip(flags).enumerate() {
                     if int(flag) == 0 {
                         registry.remove(h);
+                        continue;
+                    }
+                    let until = untils.get(i).map_or(-1, int);
+                    // The holding read (not one a hold made since under the same id: Redis
+                    // may have answered with the grant's lease, the hold still on its way).
+                    if until >= 0
+                        && let Some(held) = registry.get_mut(h)
+                        && (held.since, held.task) == *which
+                    {
+                        let until = self.conn.to_instant(until, read, now_us);
+                        held.in_redis = Some((read, until));
                     }
                 }
             }
@@ -2544,7 +2581,10 @@ impl Inner {
             .map(|(h, held)| (h.clone(), held.clone()))
             .collect();
         for (h, held) in held {
-            // What is left of its lease: one that ran out is not registered again.
+            // What is left of its lease (as far as the last pass read it in Redis: another
+            // process's report renews a task's there): one that ran out is not registered
+            // again. (A grant an older state brought back has run out there too, its lease
+            // begun no later than this process's; and `mine`, below, releases it.)
             let Some(lease) = held.lease_left(Instant::now()) else {
                 lock(&self.registry).remove(&h);
                 continue;
@@ -2742,6 +2782,7 @@ impl Inner {
                 task: false,
                 since: Instant::now(),
                 renewed: None,
+                in_redis: None,
                 lease: self.config.get_lease(),
                 registered: false,
                 adopted: false,
@@ -3698,6 +3739,7 @@ impl SlotBackend for RedisSlots {
                                 task: false,
                                 since: Instant::now(),
                                 renewed: None,
+                                in_redis: None,
                                 lease: inner.config.get_lease(),
                                 registered: true,
                                 adopted: false,

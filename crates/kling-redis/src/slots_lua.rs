@@ -470,8 +470,8 @@ return {1, nxt, lost, released}
 
 /// Every change. `ARGV[4]` is the operation; see each branch. Returns {lost, changed, released
 /// as flat septuples (account, pool, task, weight, since, reason, holding)} or, for `ex`,
-/// {lost, 0, flags}, for `alive` {lost, 0, {}, flags}, for `caps` {lost, 0, capacities,
-/// `P:cap` (flat field/value)}.
+/// {lost, 0, flags, lease ends}, for `alive` {lost, 0, {}, flags}, for `caps` {lost, 0,
+/// capacities, `P:cap` (flat field/value)}.
 const APPLY_BODY: &str = r"
 local op = ARGV[4]
 local changed = 0
@@ -974,13 +974,17 @@ elseif op == 'caps' then
   end
   return {lost, 0, caps, redis.call('HGETALL', P .. ':cap')}
 elseif op == 'ex' then
+  -- 5.. pool key and holding pairs: whether each holding exists, and when its lease ends
+  -- (-1: no lease), which another process's report of its task may have renewed.
   local flags = {}
+  local untils = {}
   local i = 5
   while i + 1 <= #ARGV do
     table.insert(flags, redis.call('HEXISTS', ARGV[i] .. ':h', ARGV[i + 1]))
+    table.insert(untils, tonumber(redis.call('ZSCORE', ARGV[i] .. ':l', ARGV[i + 1]) or '-1'))
     i = i + 2
   end
-  return {lost, 0, flags}
+  return {lost, 0, flags, untils}
 end
 if once and #released > 0 then
   -- (Numbers as text: cjson keeps 14 digits only.)

@@ -340,3 +340,125 @@ async fn an_end_dropped_from_the_replay_queue_takes_the_adopts_along(
     let in_use: u32 = snapshot.iter().map(|p| p.in_use).sum();
     assert_eq!(in_use, 0, "the ended task's adopt holds its slot");
 }
+
+/// The holdings `test:pool:*` keeps in Redis, with their lease deadlines (fleet time, µs),
+/// and Redis's clock now (µs).
+async fn leases_in_redis(server: &kling_redis::testing::RedisServer) -> (Vec<(String, i64)>, i64) {
+    let mut raw = crate::support::raw(server).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("test:pool:*:l")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let mut leases = Vec::new();
+    for key in keys {
+        let scored: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        leases.extend(scored.into_iter().map(|(h, at)| (h, at as i64)));
+    }
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut raw).await.unwrap();
+    (leases, secs * 1_000_000 + micros)
+}
+
+/// A grant this process drops from its record because its lease ran out, while Redis still
+/// keeps its holding, is counted by no decision of the fleet. The one way a process drops a
+/// grant by its lease while Redis has it: a fallback grant whose ask ran in Redis, its answer
+/// lost (a timeout), registered only after its lease ran out (re-registration after Redis lost
+/// its state is the other drop, and `mine` releases what came back). Redis's lease began at
+/// that ask, before the process's own, so it is over there too: the holding stays in the
+/// pool's hash (no script maintained the pool) and the grant's later hold counts anew, yet the
+/// next ask (any process's) releases it before it counts the pool's use, so the fleet counts
+/// the task alone. The control: the pool, full with the task and that ask's grant, makes a
+/// third create wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_dropped_at_its_lease_end_is_counted_by_no_decision() {
+    let Some(server) = redis() else { return };
+    let lease = Duration::from_millis(300);
+    let slots = backend(&server, SlotsConfig::new(2).lease(lease))
+        .await
+        .maintain_every(Duration::from_secs(60))
+        .when_unreachable(WhenUnreachable::fallback(1));
+    // Only this test's pass replays.
+    kling_redis::testing::hold_maintenance(&slots, true);
+    let other = backend(&server, SlotsConfig::new(2)).await;
+    let key = kling3("a");
+    let warm = slots.acquire(key.clone(), 1).await.unwrap();
+    slots.apply(SlotOp::GiveBack(warm)).await.unwrap();
+    // The ask runs in Redis, its answer is lost: the process grants from its share under the
+    // same holding, and keeps its registration for replay.
+    kling_redis::testing::lose_acquire_answers(&slots, 1);
+    let granted = slots.acquire(key.clone(), 1).await.unwrap();
+    assert_eq!(slots.pending(), 1, "the fallback grant's registration");
+    assert_eq!(slots.held_here(), 1);
+    let (leases, _) = leases_in_redis(&server).await;
+    assert_eq!(leases.len(), 1, "Redis granted the lost ask: {leases:?}");
+    let (grant, granted_until) = leases[0].clone();
+    // Its lease runs out (here and, earlier, in Redis) before the registration is replayed,
+    // which drops it from the record and sends nothing.
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    slots.maintain().await.unwrap();
+    assert_eq!(slots.pending(), 0);
+    assert_eq!(slots.held_here(), 0, "dropped at its lease's end");
+    let (leases, redis_now) = leases_in_redis(&server).await;
+    assert_eq!(
+        leases,
+        vec![(grant.clone(), granted_until)],
+        "Redis keeps the grant"
+    );
+    assert!(
+        granted_until <= redis_now,
+        "its lease in Redis is over too: until {granted_until}, now {redis_now}"
+    );
+    // The grant, held: no grant of the record, so counted anew under a holding of its own.
+    slots
+        .apply(SlotOp::Hold {
+            reservation: granted,
+            task: TaskRef {
+                id: Some("t1".to_owned()),
+                external_id: None,
+            },
+            lease: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    assert_eq!(slots.held_here(), 1);
+    let (leases, _) = leases_in_redis(&server).await;
+    assert_eq!(leases.len(), 2, "the old grant and the task: {leases:?}");
+    // The fleet counts the task alone: the second slot is another process's at once.
+    let second = tokio::time::timeout(Duration::from_secs(2), other.acquire(key.clone(), 1))
+        .await
+        .expect("the second slot is free");
+    assert!(second.is_ok(), "{second:?}");
+    let (leases, _) = leases_in_redis(&server).await;
+    assert!(
+        !leases.iter().any(|(h, _)| *h == grant),
+        "the ask released the old grant: {leases:?}"
+    );
+    assert_eq!(configured(&other, &key).await, (2, 2));
+    let third =
+        tokio::time::timeout(Duration::from_millis(300), other.acquire(key.clone(), 1)).await;
+    assert!(third.is_err(), "the pool is full: {third:?}");
+    slots
+        .apply(SlotOp::Update {
+            account: key.account.clone(),
+            updates: vec![TaskUpdate {
+                id: "t1".to_owned(),
+                external_id: None,
+                status: Some(TaskStatus::Succeeded),
+            }],
+            lease: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        configured(&other, &key).await,
+        (2, 1),
+        "t1's end frees its slot"
+    );
+}

@@ -2075,6 +2075,54 @@ async fn a_store_whose_sequence_went_back_is_a_new_generation() {
     assert_eq!(in_use(&one).await, 1, "t1 registered again");
 }
 
+/// A task another process reports running keeps its slot through a loss of Redis's state,
+/// though the lease its owner's own record gave it ran out: each maintenance pass reads the
+/// lease Redis has for the owner's holdings (renewed there by the other process's reports), and
+/// the owner registers the task again with what is left of it, on an empty store or one come
+/// back older (whose copy it keeps). Before, the owner dropped the task at the end of its own
+/// lease (and released the copy an older store brought back): the task ran on holding no slot,
+/// and the fleet let a create in past the pool's limit. The control: the pool, full with the
+/// task, makes another create wait; and the task's end frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_renewed_by_another_process_keeps_its_slot_through_a_loss_of_state() {
+    for older in [false, true] {
+        let Some(mut server) = redis() else { return };
+        let one = backend(&server, 1).await;
+        let two = backend(&server, 1).await;
+        let r = one.acquire(video(), 1).await.unwrap();
+        let own = Duration::from_millis(500);
+        one.apply(hold(r, "t1", own)).await.unwrap();
+        // Another process's query of t1 (the owner's record does not see it) renews its lease
+        // in Redis for a minute.
+        two.apply(running("t1")).await.unwrap();
+        tokio::time::sleep(own + Duration::from_millis(200)).await;
+        one.maintain().await.unwrap();
+        assert_eq!(in_use(&two).await, 1, "{older}: t1 runs, renewed");
+        assert_eq!(one.held_here(), 1, "{older}");
+        if older {
+            server.save().unwrap();
+            server.restart_from_snapshot().unwrap();
+        } else {
+            server.stop();
+            server.restart().unwrap();
+        }
+        maintained(&one).await;
+        maintained(&two).await;
+        maintained(&one).await;
+        maintained(&one).await;
+        assert_eq!(one.held_here(), 1, "{older}: t1 kept on record");
+        assert_eq!(in_use(&two).await, 1, "{older}: t1 holds its slot");
+        let past = tokio::time::timeout(Duration::from_millis(300), two.acquire(video(), 1)).await;
+        assert!(past.is_err(), "{older}: a create past the limit");
+        let done = two
+            .apply(ended("t1", Some(TaskStatus::Succeeded)))
+            .await
+            .unwrap();
+        assert_eq!(done.released.len(), 1, "{older}: t1 was held");
+        assert_eq!(in_use(&two).await, 0, "{older}");
+    }
+}
+
 /// Fleet time runs on the monotonic clock from the last measurement of the server's: a
 /// system clock stepped two minutes forward after it (a resumed VM, `makestep`) does not run
 /// a live lease out and grant its slot again.
