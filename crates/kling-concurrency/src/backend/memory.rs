@@ -608,19 +608,34 @@ impl Ended {
 /// when the reconcile began after the end) names the task running, and an
 /// [`Adopt`](SlotOp::Adopt) of it must hold nothing.
 ///
-/// A ring of the last [`MAX_ENDS_KEPT`] such ends, each kept one lease (the reporting
-/// change's) from its report: filing one is a copy into the next place (no hashing, no
-/// eviction pass: every task's end passes here, on the query path), and only an adopt, rare,
-/// looks through them all. Kept apart from [`Ended`], which every create's hold consults: the
-/// usual ends leave it empty, and push none of the ends that overtake a create's answer out.
+/// A ring per thread lane ([`lanes::current`]) of the last [`MAX_ENDS_KEPT`] such ends its
+/// threads filed, each kept one lease (the reporting change's) from its report: filing one is
+/// a copy into the next place of the filing thread's ring (no hashing, no eviction pass: every
+/// task's end passes here, on the query path), and only an adopt, rare, looks through them
+/// all. Each ring lies alone on its cache lines, so that the two cores of a runtime filing ends
+/// write their own: one shared ring had them take turns writing its place and its entries, and
+/// its place shared a line of [`State`] with fields every create's hold reads. Kept apart from
+/// [`Ended`], which every create's hold consults: the usual ends leave it empty, and push none
+/// of the ends that overtake a create's answer out.
 ///
-/// What the bound costs: an end pushed out by 4096 later ones before an adopt looks for it
-/// lets a list that named the task running adopt it, its slot held until the lease. A
-/// reconcile adopts each page's tasks as soon as the page is answered, so that takes 4096 ends
-/// within one page's round trip, or a list that far behind the ends; not 4096 over the whole
-/// reconcile, as when it adopted only after its last page.
+/// What the bound costs: an end pushed out by 4096 later ones filed on its lane before an
+/// adopt looks for it lets a list that named the task running adopt it, its slot held until
+/// the lease. The rings together keep at least the last 4096 ends of every thread (and at most
+/// [`LANES`] times that many). A reconcile adopts each page's tasks as soon as the page is
+/// answered, so that takes 4096 ends within one page's round trip, or a list that far behind
+/// the ends; not 4096 over the whole reconcile, as when it adopted only after its last page.
+struct Freed(Box<[FreedRing; LANES]>);
+
+impl Default for Freed {
+    fn default() -> Self {
+        Freed(Box::new(std::array::from_fn(|_| FreedRing::default())))
+    }
+}
+
+/// One lane's ring of [`Freed`] ends.
 #[derive(Default)]
-struct Freed {
+#[repr(align(128))]
+struct FreedRing {
     ring: Vec<FreedTask>,
     /// Where the next end goes (the oldest, once the ring is full).
     next: usize,
@@ -634,7 +649,27 @@ struct FreedTask {
 }
 
 impl Freed {
-    /// Files the end of the task `id` (of [`IdHash`] `hash`), reported at `now`, for `keep`.
+    /// Files the end of the task `id` (of [`IdHash`] `hash`), reported at `now`, for `keep`,
+    /// in this thread's lane's ring.
+    #[inline]
+    fn note(&mut self, hash: u64, id: SmallId, now: Instant, keep: Duration) {
+        self.0[lanes::current()].note(hash, id, now, keep);
+    }
+
+    /// Whether the end of the task `id` (of [`IdHash`] `hash`) is remembered at `now`, in any
+    /// lane's ring.
+    fn contains(&self, hash: u64, id: &[u8], now: Instant) -> bool {
+        self.0.iter().any(|ring| ring.contains(hash, id, now))
+    }
+
+    /// How many ends the rings hold (expired ones included).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.iter().map(|ring| ring.ring.len()).sum()
+    }
+}
+
+impl FreedRing {
     #[inline]
     fn note(&mut self, hash: u64, id: SmallId, now: Instant, keep: Duration) {
         let task = FreedTask {
@@ -650,7 +685,6 @@ impl Freed {
         self.next = (self.next + 1) % MAX_ENDS_KEPT;
     }
 
-    /// Whether the end of the task `id` (of [`IdHash`] `hash`) is remembered at `now`.
     fn contains(&self, hash: u64, id: &[u8], now: Instant) -> bool {
         self.ring
             .iter()
@@ -1095,14 +1129,20 @@ impl<H: HashId> Index<H> {
 const POOLS_BEFORE_REUSE: usize = 64;
 
 /// One pool. The fields a create or a query writes come first, on one cache line (the struct
-/// is aligned to 128 bytes: see [`FreeList`]); what they only read follows, on lines no thread
-/// writes on those paths, so both cores keep valid copies.
+/// is aligned to 128 bytes: see [`FreeList`]), with the few that only the changes writing
+/// that line read; what the others read follows, from the next line on, where no thread
+/// writes on those paths, so both cores keep valid copies. (The key used to start on the
+/// written line: a release read it there, a miss on the other core's copy, and then wrote the
+/// line, a second trip for the same line.)
 #[repr(C)]
 struct PoolState {
     in_use: u32,
     /// Slots believed held by someone else after a 1303.
     hidden: u32,
     configured: u32,
+    /// The slots in use, the refused create's included, at the last 1303 (0: none since the
+    /// last proof that more fit). Read by a hold that proves a level, which writes this line.
+    refused_level: u32,
     /// What the three gauges were last told to show (in use, capacity, waiters): a gauge is
     /// moved only when its value changed, so the layer's create and query leave the capacity
     /// and waiters gauges (shared metric state a recorder keeps) untouched.
@@ -1111,7 +1151,11 @@ struct PoolState {
     tasks: usize,
     /// No lease ends before this (may be early after renewals; then rescanned).
     next_lease: Option<Instant>,
-    // Read on those paths.
+    /// 1303s in a row at or below `refused_level` (capped at [`MAX_RECOVERY_DOUBLINGS`]): each
+    /// doubles the recovery interval, and while there is one an ended task brings no hidden slot
+    /// back. See [`PoolState::congested`]. Read by a release, which writes this line.
+    streak: u32,
+    // Read on those paths, from the next line on.
     key: SlotKey,
     /// Waiters (their tickets are their tokens, taken from the state's counter just before
     /// they join at the back, so in order) with the weight each asks for.
@@ -1122,13 +1166,6 @@ struct PoolState {
     // Rare.
     /// When the last hidden slot came back by time (or the last 1303).
     recovered_at: Instant,
-    /// The slots in use, the refused create's included, at the last 1303 (0: none since the
-    /// last proof that more fit).
-    refused_level: u32,
-    /// 1303s in a row at or below `refused_level` (capped at [`MAX_RECOVERY_DOUBLINGS`]): each
-    /// doubles the recovery interval, and while there is one an ended task brings no hidden slot
-    /// back. See [`PoolState::congested`].
-    streak: u32,
     /// The last token handed out when the last 1303 that was no part of a burst came
     /// ([`State::token`]): a create whose grant's token is no greater was granted before it,
     /// and was on its way with it.
@@ -1161,7 +1198,7 @@ struct Gauges {
 
 impl Gauges {
     /// Counts a task that finished, once the lock is released.
-    fn finished(&mut self, why: Why<'_>, held_for: Duration) {
+    fn finished(&mut self, why: Why<'_>, lifetime: Lifetime) {
         // The usual reasons are found by number, the others by their label.
         let known = why.known();
         let i = match known.and_then(|k| self.known[k]) {
@@ -1169,7 +1206,6 @@ impl Gauges {
             None => self.register(why.label(), known),
         };
         let (_, counter, histogram) = &self.finished[i];
-        let lifetime = held_for.as_secs_f64();
         finished_later((counter.clone(), histogram.clone(), lifetime));
     }
 
@@ -1351,6 +1387,14 @@ fn move_gauge(gauge: &metrics::Gauge, by: i64) -> bool {
 /// gauge ends exact (a scrape between two changes' records may see them in either order), and
 /// the pools that share a series (`video:other`) add up in it. A move a recorder panics at is
 /// owed, and made with the pool's next record.
+///
+/// Alone on its cache lines (aligned as [`FreeList`] is), apart from its `Arc`'s counts and
+/// from whatever the allocator puts beside it: every create and ended task reads its gauge
+/// handles and owed moves, on both cores, and nothing writes them but a recorder's panic.
+/// Sharing a line with other data, the first of those reads took nearly all of
+/// `Shown::record`'s samples with 64 tasks on two workers (`perf annotate`, the bench's Pro
+/// stack): a miss on a line the other core had written.
+#[repr(align(128))]
 struct Shown {
     /// Moves told and not made (a recorder panicked at them).
     owed: [AtomicI64; 3],
@@ -1359,7 +1403,11 @@ struct Shown {
 
 impl Shown {
     /// Moves each gauge by `by`, and by what it owes.
-    #[inline]
+    ///
+    /// Always inlined: called, it took `by` through memory the caller had just written in
+    /// narrower stores, and its first read of it waited for them (a store-forwarding stall:
+    /// half its samples, `perf annotate`, `kling-bench profile TaskSlotsLayer 300000 64`).
+    #[inline(always)]
     fn record(&self, mut by: [i64; 3]) {
         // (Plain loads first: nothing is owed but after a panic, and a swap is a locked write.)
         if self
@@ -1439,7 +1487,7 @@ enum Record {
     /// A pool's gauges move (in use, capacity, waiters) by what its changes told them.
     Pool(Arc<Shown>, [i64; 3]),
     /// A task finished: counted, and its lifetime recorded.
-    Finished(metrics::Counter, metrics::Histogram, f64),
+    Finished(metrics::Counter, metrics::Histogram, Lifetime),
     /// A reservation that no grant of the backend's holds now was handed back: ignored.
     Stale(StaleReservation),
 }
@@ -1514,7 +1562,24 @@ struct Pending {
 }
 
 /// A finished task's counter and lifetime histogram (of its pool and status), and its lifetime.
-type Finished = (metrics::Counter, metrics::Histogram, f64);
+type Finished = (metrics::Counter, metrics::Histogram, Lifetime);
+
+/// When a finished task's holding began and ended: its lifetime in seconds is worked out once
+/// the lock is released (a subtraction of instants, a call, and a division, which every ended
+/// task made the other threads wait for under the lock).
+#[derive(Clone, Copy)]
+struct Lifetime {
+    since: Instant,
+    until: Instant,
+}
+
+impl Lifetime {
+    fn secs(self) -> f64 {
+        self.until
+            .saturating_duration_since(self.since)
+            .as_secs_f64()
+    }
+}
 
 /// Counts `finished`, once the lock is released.
 #[inline]
@@ -1539,7 +1604,7 @@ fn finished_later(finished: Finished) {
 fn count_finished((counter, histogram, lifetime): Finished) {
     call_recorder(|| {
         counter.increment(1);
-        histogram.record(lifetime);
+        histogram.record(lifetime.secs());
     });
 }
 
@@ -1877,8 +1942,10 @@ impl PoolState {
         if grant.1 == 0 {
             return true;
         }
-        // Usually on this thread's lane (the thread that was granted it), and the oldest
-        // there: creates are answered about in the order they were granted.
+        // Usually on this thread's lane (the thread that was granted it), among few: a lane
+        // lists only the grants of its creates not yet answered. The list is not kept in
+        // grant order (`swap_remove`): kept in order (a `VecDeque`, the oldest checked first)
+        // it cost more instructions than the search it saved.
         let lane = lanes::current();
         let grants = &mut self.free[lane].grants;
         if let Some(i) = grants.iter().position(|&g| g == grant) {
@@ -2474,16 +2541,16 @@ impl State {
         }
         pool.dispatch();
         pool.publish();
-        let held_for = now.saturating_duration_since(since);
         if ended {
-            pool.gauges.finished(why, held_for);
+            let lifetime = Lifetime { since, until: now };
+            pool.gauges.finished(why, lifetime);
         }
         if let Some(out) = out {
             out.push(Released {
                 key: pool.key.clone(),
                 task: task.flatten(),
                 weight,
-                held_for,
+                held_for: now.saturating_duration_since(since),
                 reason: why.reason(),
             });
         }
@@ -4358,7 +4425,7 @@ mod tests {
         hold(&backend, key(), Some("t1"), None);
         now(backend.apply(ended("t1"))).unwrap();
         assert_eq!(
-            backend.lock().freed.ring.len(),
+            backend.lock().freed.len(),
             1,
             "t1 noted, no listing running"
         );
@@ -4407,7 +4474,7 @@ mod tests {
             .filter(|id| now(backend.apply(adopt(id))).unwrap().changed)
             .collect();
         assert_eq!(adopted, ["t8"], "only the task no report ended");
-        assert_eq!(backend.lock().freed.ring.len(), 7);
+        assert_eq!(backend.lock().freed.len(), 7);
         assert_eq!(
             backend.lock().ended.len(),
             0,
@@ -4425,7 +4492,7 @@ mod tests {
             hold(&backend, key(), Some(&format!("t{i}")), None);
             now(backend.apply(ended(&format!("t{i}")))).unwrap();
         }
-        assert_eq!(backend.lock().freed.ring.len(), MAX_ENDS_KEPT);
+        assert_eq!(backend.lock().freed.len(), MAX_ENDS_KEPT);
         let adopt = |id: &str| SlotOp::Adopt {
             key: key(),
             task: TaskRef {
@@ -6346,14 +6413,18 @@ mod tests {
     }
 
     /// The fields every create and query writes stay on the lines the layout puts them on
-    /// (one line of a pool and one of the state, the state's read fields on the next), and
-    /// each lane's slots and free list on lines of their own.
+    /// (one line of a pool and one of the state, the state's read fields on the next; a
+    /// pool's key, read by every change of the pool, off its written line), and each lane's
+    /// slots, free list and ring of ended tasks on lines of their own, as are a pool's gauges.
     #[test]
     fn the_hot_fields_stay_on_their_cache_lines() {
         use std::mem::{align_of, offset_of, size_of};
-        let pool_written = offset_of!(PoolState, next_lease) + size_of::<Option<Instant>>();
+        let pool_written = offset_of!(PoolState, streak) + size_of::<u32>();
         assert!(pool_written <= 64, "{pool_written}");
+        assert!(offset_of!(PoolState, key) >= 64);
+        assert!(offset_of!(PoolState, next_lease) < 64);
         assert!(align_of::<PoolState>() >= 64);
+        assert!(align_of::<FreedRing>() >= 128 && align_of::<Shown>() >= 128);
         let externals = offset_of!(State, externals);
         let state_written = externals + offset_of!(Index, by_hash) + size_of::<usize>();
         assert!(state_written <= 64, "{state_written}");
@@ -7075,6 +7146,85 @@ mod tests {
             ),
             (Some(0.0), Some(snapshot.capacity.into()), Some(0.0))
         );
+    }
+
+    /// A lane's grants settled in any order (its list is not kept in grant order) each free
+    /// their slot once: a stale copy of a settled one frees nothing, and the others are still
+    /// listed and found.
+    #[test]
+    fn grants_settled_out_of_order_each_free_their_slot_once() {
+        let runtime = paused_runtime();
+        let _entered = runtime.enter();
+        let backend = InProcess::new(SlotsConfig::new(4)).unwrap();
+        let granted: Vec<Reservation> = (0..4)
+            .map(|_| granted_now(&backend, key(), 1).expect("a free slot"))
+            .collect();
+        let lane = lanes::current();
+        let listed = || -> Vec<u64> {
+            let state = backend.lock();
+            let mut tokens: Vec<u64> = state.list[0].free[lane]
+                .grants
+                .iter()
+                .map(|g| g.0)
+                .collect();
+            tokens.sort_unstable();
+            tokens
+        };
+        let order = [2, 0, 3, 1];
+        for (n, &i) in order.iter().enumerate() {
+            let give_back = || now(backend.apply(SlotOp::GiveBack(granted[i].clone())));
+            assert!(give_back().unwrap().changed, "grant {i}");
+            assert!(!give_back().unwrap().changed, "grant {i} again");
+            let left: Vec<u64> = (0..4)
+                .filter(|j| !order[..=n].contains(j))
+                .map(|j| granted[j].token)
+                .collect();
+            assert_eq!(listed(), left);
+            assert_eq!(pool(&backend, "a"), (3 - n as u32, 0));
+        }
+    }
+
+    /// Ends filed on another thread's lane are remembered as those filed here: a listing's
+    /// adopt on any thread finds them, and a lane's ring keeps its own last `MAX_ENDS_KEPT`
+    /// (the ends another thread files push none of them out).
+    #[test]
+    fn ends_freed_on_another_thread_are_remembered_for_a_listing_here() {
+        let runtime = paused_runtime();
+        let _entered = runtime.enter();
+        let backend = InProcess::new(SlotsConfig::new(4)).unwrap();
+        let backend = &backend;
+        hold(backend, key(), Some("t-here"), None);
+        hold(backend, key(), Some("t-there"), None);
+        now(backend.apply(ended("t-here"))).unwrap();
+        let last = format!("x{}", MAX_ENDS_KEPT - 1);
+        on_another_lane(lanes::current(), || {
+            let runtime = paused_runtime();
+            let _entered = runtime.enter();
+            now(backend.apply(ended("t-there"))).unwrap();
+            // More ends than a ring holds, after it: the first is pushed out of this lane's.
+            for i in 0..MAX_ENDS_KEPT {
+                let id = format!("x{i}");
+                hold(backend, key(), Some(&id), None);
+                now(backend.apply(ended(&id))).unwrap();
+            }
+        });
+        assert_eq!(backend.lock().freed.len(), MAX_ENDS_KEPT + 1);
+        let adopted = |id: &str| {
+            let adopt = SlotOp::Adopt {
+                key: key(),
+                task: TaskRef {
+                    id: Some(id.to_owned()),
+                    external_id: None,
+                },
+                weight: 1,
+                lease: Duration::from_secs(600),
+            };
+            now(backend.apply(adopt)).unwrap().changed
+        };
+        assert!(!adopted(&last), "filed on the other lane, found here");
+        assert!(!adopted("x0"));
+        assert!(!adopted("t-here"), "kept on this lane");
+        assert!(adopted("t-there"), "pushed out of the other lane's ring");
     }
 
     /// Two threads create, give back, keep, end, meet `1303`s, drop waiting creates and set
