@@ -18,6 +18,9 @@
 //! sent to ([`ApiOrigin`]) before a run sends, and refuses a run sent elsewhere, where their
 //! tasks are not (looked up there, none is found, and the jobs would be created again). A
 //! journal of an earlier version, which recorded none, records the base URL of its next run.
+//! [`Engine::run`](crate::run::Engine::run) binds the journal to its stack's base URL itself,
+//! in the transaction that registers its jobs ([`Journal::register_at`]): a run refused for
+//! either leaves the journal as it was.
 //!
 //! ```
 //! use kling_batch::journal::{JobState, Journal, Update};
@@ -285,6 +288,10 @@ pub enum BaseUrlBinding {
         from: ApiOrigin,
     },
 }
+
+/// What [`Journal::register_unless`] returns: every job's record, in the order given, and
+/// what binding the base URL found (when asked to).
+pub(crate) type Registered = (Vec<JobRecord>, Option<BaseUrlBinding>);
 
 /// A job as the journal holds it.
 #[derive(Clone, Debug, PartialEq)]
@@ -1295,20 +1302,54 @@ impl Journal {
     /// but kept its id) is refused: the error's source is [`ChangedJobs`], naming every such
     /// job, and nothing is written.
     pub fn register(&self, jobs: &[Job]) -> Result<Vec<JobRecord>, JournalError> {
-        self.register_unless(jobs, &|| false)?
+        self.register_unless(jobs, None, &|| false)?
+            .map(|(records, _)| records)
             .ok_or_else(|| JournalError::new("registering stopped", "never asked to stop"))
     }
 
-    /// [`register`](Self::register), looking at `stopped` every [`REGISTER_CHECK`] jobs:
-    /// once it says so, nothing is written (the journal stays as it was) and `Ok(None)` is
-    /// returned. A stop while 100 000 jobs are registered is heard within a few milliseconds.
+    /// [`register`](Self::register) and [`bind_base_url`](Self::bind_base_url) in one
+    /// transaction, for a run about to send `jobs` to `base`: refused for either (a job
+    /// edited under its id, another base URL), nothing is written, and the journal stays as
+    /// it was; else both are. [`Engine::run`](crate::run::Engine::run) registers its jobs so,
+    /// at its stack's base URL.
+    ///
+    /// # Errors
+    ///
+    /// As [`bind_base_url`](Self::bind_base_url)'s (checked first) and
+    /// [`register`](Self::register)'s.
+    pub fn register_at(
+        &self,
+        jobs: &[Job],
+        base: &ApiOrigin,
+        moved_from: Option<&ApiOrigin>,
+    ) -> Result<(Vec<JobRecord>, BaseUrlBinding), JournalError> {
+        match self.register_unless(jobs, Some((base, moved_from)), &|| false)? {
+            Some((records, Some(binding))) => Ok((records, binding)),
+            _ => Err(JournalError::new(
+                "registering stopped",
+                "never asked to stop",
+            )),
+        }
+    }
+
+    /// [`register`](Self::register), or [`register_at`](Self::register_at) when `bind` gives
+    /// the base URL and the one it replaces, looking at `stopped` every [`REGISTER_CHECK`]
+    /// jobs: once it says so, nothing is written (the journal stays as it was, its base URL
+    /// too) and `Ok(None)` is returned. A stop while 100 000 jobs are registered is heard
+    /// within a few milliseconds. The binding is `Some` when `bind` is.
     pub(crate) fn register_unless(
         &self,
         jobs: &[Job],
+        bind: Option<(&ApiOrigin, Option<&ApiOrigin>)>,
         stopped: &dyn Fn() -> bool,
-    ) -> Result<Option<Vec<JobRecord>>, JournalError> {
+    ) -> Result<Option<Registered>, JournalError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
+        // Checked before anything is written (registering adds `queued` jobs alone, which
+        // change nothing it finds): refused, dropping the transaction writes nothing.
+        let binding = bind
+            .map(|(base, moved_from)| base_url_binding(&tx, base, moved_from))
+            .transpose()?;
         let at = now();
         let mut changed = Vec::new();
         // An earlier version's `line-N` rows, by the default id of their content: read once,
@@ -1376,16 +1417,23 @@ impl Journal {
             ])?;
         }
         if !changed.is_empty() {
-            // Dropping the transaction rolls it back: nothing of this file is recorded.
+            // Dropping the transaction rolls it back: nothing of this file is recorded, nor
+            // this run's base URL.
             return Err(JournalError::new(
                 "the jobs file changed",
                 ChangedJobs::new(changed),
             ));
         }
+        if let (Some((base, _)), Some(binding)) = (bind, &binding)
+            && *binding != BaseUrlBinding::Same
+        {
+            mark(&tx, BASE_URL_KEY, base.as_str())?;
+        }
         tx.commit()?;
         self.fold_if_long(&conn);
         let mut select = conn.prepare_cached(SELECT_RECORD)?;
-        jobs.iter()
+        let records = jobs
+            .iter()
             .map(|job| {
                 select
                     .query_row(params![job.id], read_record)
@@ -1394,8 +1442,41 @@ impl Journal {
                         JournalError::new("job vanished after registering", job.id.clone())
                     })
             })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some((records, binding)))
+    }
+
+    /// The check of [`register`](Self::register) for jobs edited under their id, writing
+    /// nothing: `kling-batch run` asks it before it makes a `--download` folder, so that a
+    /// resume refused for such a job leaves none behind. The journal is this process's alone
+    /// while it is open, so the registration that follows finds the same.
+    ///
+    /// # Errors
+    ///
+    /// As [`register`](Self::register)'s: the source is [`ChangedJobs`].
+    pub(crate) fn check_jobs(&self, jobs: &[Job]) -> Result<(), JournalError> {
+        let conn = self.lock();
+        let mut select =
+            conn.prepare_cached("SELECT endpoint, body FROM jobs WHERE job_id = ?1")?;
+        let mut changed = Vec::new();
+        for job in jobs {
+            let stored: Option<(String, String)> = select
+                .query_row(params![job.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((endpoint, body)) = stored
+                && !same_job(job, &endpoint, &body)
+            {
+                changed.push((job.id.clone(), job.line));
+            }
+        }
+        if changed.is_empty() {
+            Ok(())
+        } else {
+            Err(JournalError::new(
+                "the jobs file changed",
+                ChangedJobs::new(changed),
+            ))
+        }
     }
 
     /// Moves a job to `state`, setting the fields `update` carries, and records the
@@ -1488,11 +1569,14 @@ impl Journal {
     }
 
     /// Checks that the journal's jobs were sent to `base`, the base URL a run is about to
-    /// send to, and records it: called before the run sends anything (`kling-batch run`
-    /// checks it with [`check_base_url`](Self::check_base_url) before it binds a listener or
-    /// makes a folder, and records it once nothing else can refuse the run). A task is
-    /// Kling's in one region of one account: looked up anywhere else it is not found, and a
-    /// resume would create its job again, billed twice.
+    /// send to, and records it: called before the run sends anything. A task is Kling's in
+    /// one region of one account: looked up anywhere else it is not found, and a resume would
+    /// create its job again, billed twice. [`Engine::run`](crate::run::Engine::run) does it
+    /// for its stack's base URL, in the transaction that registers its jobs
+    /// ([`register_at`](Self::register_at)), so a run refused for its jobs records no base URL
+    /// either (`kling-batch run` also checks it first with
+    /// [`check_base_url`](Self::check_base_url), before it binds a listener or makes a
+    /// folder); call this one to send the journal's jobs by other means.
     ///
     /// A journal that recorded no base URL records `base` ([`BaseUrlBinding::New`], or
     /// [`BaseUrlBinding::Unrecorded`] for one of an earlier version whose jobs were sent: where
@@ -2851,7 +2935,10 @@ mod tests {
             looks.set(looks.get() + 1);
             looks.get() >= 3
         };
-        assert_eq!(journal.register_unless(&jobs, &stopped).unwrap(), None);
+        assert_eq!(
+            journal.register_unless(&jobs, None, &stopped).unwrap(),
+            None
+        );
         assert_eq!(
             looks.get(),
             3,
@@ -2859,7 +2946,10 @@ mod tests {
         );
         assert_eq!(journal.records().unwrap(), [], "nothing was written");
         // Not stopped, it registers them all.
-        let records = journal.register_unless(&jobs, &|| false).unwrap().unwrap();
+        let (records, _) = journal
+            .register_unless(&jobs, None, &|| false)
+            .unwrap()
+            .unwrap();
         assert_eq!(records.len(), jobs.len());
     }
 
@@ -2983,6 +3073,98 @@ mod tests {
         );
         assert_eq!(earlier.base_url().unwrap(), Some(a.clone()));
         assert!(earlier.bind_base_url(&b, None).is_err());
+    }
+
+    /// What a journal records, queried back: its base URL, every job's record and every
+    /// job's transitions.
+    type Recorded = (Option<ApiOrigin>, Vec<JobRecord>, Vec<Vec<String>>);
+
+    fn recorded(journal: &Journal) -> Recorded {
+        let records = journal.records().unwrap();
+        let transitions = records
+            .iter()
+            .map(|r| journal.transitions(&r.job_id).unwrap())
+            .collect();
+        (journal.base_url().unwrap(), records, transitions)
+    }
+
+    /// Registering and binding in one transaction ([`Journal::register_at`]): refused for a
+    /// job edited under its id, or for another base URL, or stopped while it registers, it
+    /// writes nothing, the base URL it would have recorded (of a journal that recorded none,
+    /// whose jobs were never sent, or named as moved) included. Binding before registering
+    /// recorded the base URL of a resume then refused for its jobs.
+    #[test]
+    fn a_registration_refused_or_stopped_records_no_base_url() {
+        let parse = |url: &str| ApiOrigin::parse(url).unwrap();
+        let (a, b) = (
+            parse("http://127.0.0.1:4001"),
+            parse("http://127.0.0.1:4002"),
+        );
+        let (jobs, _) =
+            parse_jobs("{\"id\":\"x\",\"prompt\":\"x\"}\n{\"id\":\"y\",\"prompt\":\"y\"}\n");
+        let (edited, _) = parse_jobs(
+            "{\"id\":\"x\",\"prompt\":\"x, but blue\"}\n{\"id\":\"z\",\"prompt\":\"z\"}\n",
+        );
+        let (more, _) = parse_jobs("{\"id\":\"z\",\"prompt\":\"z\"}\n");
+        // An earlier version's (none recorded, a task made), one whose jobs were never sent
+        // (at `a`), one with a task at `a` that this run says moved to `b`.
+        let earlier = Journal::open_in_memory().unwrap();
+        earlier.register(&jobs).unwrap();
+        earlier
+            .transition("x", JobState::Created, Update::task("t1"))
+            .unwrap();
+        let unsent = Journal::open_in_memory().unwrap();
+        unsent.register(&jobs).unwrap();
+        unsent.bind_base_url(&a, None).unwrap();
+        let moved = Journal::open_in_memory().unwrap();
+        moved.register(&jobs).unwrap();
+        moved.bind_base_url(&a, None).unwrap();
+        moved
+            .transition("x", JobState::Created, Update::task("t1"))
+            .unwrap();
+        for (journal, moved_from) in [(&earlier, None), (&unsent, None), (&moved, Some(&a))] {
+            let before = recorded(journal);
+            let error = journal.register_at(&edited, &b, moved_from).unwrap_err();
+            assert!(
+                std::error::Error::source(&error).is_some_and(|e| e.is::<ChangedJobs>()),
+                "{error}"
+            );
+            assert_eq!(recorded(journal), before, "{moved_from:?}");
+            // Stopped while it registers: nothing either.
+            assert_eq!(
+                journal
+                    .register_unless(&more, Some((&b, moved_from)), &|| true)
+                    .unwrap(),
+                None
+            );
+            assert_eq!(recorded(journal), before, "{moved_from:?}");
+        }
+        // Another base URL, with jobs of the file new: refused before any is registered.
+        let before = recorded(&moved);
+        let error = moved.register_at(&more, &b, None).unwrap_err();
+        assert!(
+            std::error::Error::source(&error).is_some_and(|e| e.is::<OtherBaseUrl>()),
+            "{error}"
+        );
+        assert_eq!(recorded(&moved), before);
+        // The control: the same jobs, unchanged, register and bind together.
+        for (journal, moved_from, binding) in [
+            (&earlier, None, BaseUrlBinding::Unrecorded),
+            (&unsent, None, BaseUrlBinding::Unsent { from: a.clone() }),
+            (&moved, Some(&a), BaseUrlBinding::Moved { from: a.clone() }),
+        ] {
+            let (records, bound) = journal.register_at(&more, &b, moved_from).unwrap();
+            assert_eq!((records.len(), bound), (1, binding));
+            assert_eq!(journal.base_url().unwrap().as_ref(), Some(&b));
+            assert!(journal.record("z").unwrap().is_some());
+            let (_, again) = journal.register_at(&jobs, &b, None).unwrap();
+            assert_eq!(again, BaseUrlBinding::Same);
+        }
+        // A new journal records the base URL of its first registration.
+        let fresh = Journal::open_in_memory().unwrap();
+        let (_, bound) = fresh.register_at(&jobs, &a, None).unwrap();
+        assert_eq!(bound, BaseUrlBinding::New);
+        assert_eq!(fresh.base_url().unwrap().as_ref(), Some(&a));
     }
 
     /// A job `not_submitted` for `1103` (no permission), its create and then its lookup both

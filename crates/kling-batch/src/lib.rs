@@ -25,14 +25,22 @@
 //! let (jobs, errors) = parse_jobs("{\"prompt\":\"a cat\"}\n{\"prompt\":\"a dog\"}\nnot json\n");
 //! assert_eq!(errors[0].line(), 3);
 //! let journal = Journal::open_in_memory()?;
-//! let engine = Engine::new(stack, journal, RunOptions::new(default_follow_policy(1000.0)))?;
+//! let options = RunOptions::new(default_follow_policy(1000.0));
+//! let engine = Engine::new(stack.clone(), journal.clone(), options)?;
 //! let (_stop, stop) = tokio::sync::watch::channel(false);
 //! let report = engine.run(&jobs, stop).await?;
 //!
 //! assert!(report.records.iter().all(|r| r.state == JobState::Succeeded));
 //! assert_eq!(server.stats().tasks_created, 2);
+//! // The journal records where its jobs were sent: a resume through a stack sent elsewhere
+//! // is refused before it sends anything.
+//! assert_eq!(journal.base_url()?.as_ref(), Some(stack.base_url()));
 //! # Ok(()) }
 //! ```
+//!
+//! The engine binds its journal to its stack's base URL itself, as it registers the jobs (see
+//! [`run`]): a journal whose tasks are at another API, where a resume would not find them and
+//! would create them again, is refused without a call of yours.
 //!
 //! # The command
 //!

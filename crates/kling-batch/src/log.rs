@@ -41,6 +41,18 @@ pub(crate) fn draw_above(bars: Option<MultiProgress>) {
     *BARS.lock().unwrap_or_else(|e| e.into_inner()) = bars;
 }
 
+/// Prints `line` on stderr, above the progress bars when they are drawn.
+pub(crate) fn print_line(line: &str) {
+    let print = || {
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
+    };
+    let bars = BARS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match bars {
+        Some(bars) => bars.suspend(print),
+        None => print(),
+    }
+}
+
 /// The subscriber [`install`] sets: `WARN` and above, every target but `kling_metrics`, to
 /// stderr. Spans are not recorded.
 #[derive(Clone, Copy, Debug, Default)]
@@ -166,15 +178,7 @@ impl Subscriber for StderrSubscriber {
         if !Self::prints(event.metadata()) {
             return;
         }
-        let line = format_event(event);
-        let print = || {
-            let _ = writeln!(std::io::stderr().lock(), "{line}");
-        };
-        let bars = BARS.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        match bars {
-            Some(bars) => bars.suspend(print),
-            None => print(),
-        }
+        print_line(&format_event(event));
     }
 
     fn enter(&self, _: &Id) {}

@@ -15,6 +15,14 @@
 //!   create refused `1103` (no permission for this API or model) whose lookup is refused
 //!   `1103` too, here or on resume: without the permission nothing was created. The next run
 //!   sends such jobs again.
+//! - **One API per journal**: before anything is sent, the run binds its journal to the base
+//!   URL of its stack ([`Stack::base_url`]), in the transaction that registers its jobs
+//!   ([`Journal::register_at`]): a journal whose jobs were sent elsewhere is refused
+//!   ([`OtherBaseUrl`]), since its tasks are not there and a resume would create them again
+//!   (billed twice), unless [`RunOptions::base_url_moved_from`] names the base URL it
+//!   recorded. A run refused (for this, or for a job edited under its id) or stopped while it
+//!   registers leaves the journal as it was. A library user needs no call of their own for
+//!   this ([`Journal::bind_base_url`] is for jobs sent by other means).
 //! - **Resume**: jobs whose create may have been sent (`creating`) are looked up by their
 //!   external id first (`GET {endpoint}/{id}` or `GET /tasks?external_task_ids=`); jobs
 //!   already created are followed (in one batch), after the slots they hold were adopted
@@ -99,9 +107,9 @@ use tower::ServiceExt as _;
 
 use self::failure::{Failure, failure_of};
 use crate::download::{self, DownloadTimeouts};
-use crate::error::{ChangedJobs, JournalError, RunError, SetupError, redacted_url};
+use crate::error::{ChangedJobs, JournalError, OtherBaseUrl, RunError, SetupError, redacted_url};
 use crate::jobs::Job;
-use crate::journal::{ErrorInfo, JobRecord, JobState, Journal, Update};
+use crate::journal::{ApiOrigin, BaseUrlBinding, ErrorInfo, JobRecord, JobState, Journal, Update};
 use crate::progress::Progress;
 use crate::stack::{BatchService, Stack};
 use crate::tally::CallAttempts;
@@ -133,7 +141,17 @@ pub struct RunOptions {
     pub lookup_settle: Option<Duration>,
     /// How long creates in flight may still finish after a stop.
     pub stop_grace: Duration,
+    /// The base URL the journal's jobs were sent to, which the stack's now replaces (the same
+    /// Kling account and region behind a renamed proxy or host): the journal takes the
+    /// stack's in its place ([`Journal::bind_base_url`]'s `moved_from`).
+    pub base_url_moved_from: Option<ApiOrigin>,
+    /// Called once the journal records the stack's base URL in the place of none or another
+    /// ([`RunOptions::on_base_url_bound`]).
+    base_url_bound: Option<BoundHook>,
 }
+
+/// A hook told how a run bound its journal to its stack's base URL.
+type BoundHook = Arc<dyn Fn(&BaseUrlBinding) + Send + Sync>;
 
 impl std::fmt::Debug for RunOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -149,6 +167,11 @@ impl std::fmt::Debug for RunOptions {
             .field("follow", &self.follow)
             .field("lookup_settle", &self.lookup_settle)
             .field("stop_grace", &self.stop_grace)
+            .field("base_url_moved_from", &self.base_url_moved_from)
+            .field(
+                "base_url_bound",
+                &self.base_url_bound.as_ref().map(|_| "<hook>"),
+            )
             .finish()
     }
 }
@@ -167,7 +190,29 @@ impl RunOptions {
             follow,
             lookup_settle: None,
             stop_grace: Duration::from_secs(2),
+            base_url_moved_from: None,
+            base_url_bound: None,
         }
+    }
+
+    /// Says that the journal's jobs, sent to `from`, are now reached at the stack's base URL
+    /// (a proxy or host renamed, the same Kling account and region): a journal that recorded
+    /// `from` takes the stack's in its place, and is refused as before if it recorded another
+    /// (`kling-batch run --base-url-moved-from`).
+    pub fn base_url_moved_from(mut self, from: ApiOrigin) -> Self {
+        self.base_url_moved_from = Some(from);
+        self
+    }
+
+    /// Calls `hook` when the run records its stack's base URL in a journal that recorded none
+    /// or another ([`BaseUrlBinding`] other than `Same`), before anything is sent; not when
+    /// the journal recorded that base URL already, nor for a run refused.
+    pub fn on_base_url_bound(
+        mut self,
+        hook: impl Fn(&BaseUrlBinding) + Send + Sync + 'static,
+    ) -> Self {
+        self.base_url_bound = Some(Arc::new(hook));
+        self
     }
 
     /// Sets how long after a create of unknown outcome a lookup must come for its "no such
@@ -424,8 +469,10 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// [`RunError::Setup`] when the run is refused before it sends anything: a job edited
-    /// under its id (with [`ChangedJobs`] in its text), or a journal that cannot be read or
+    /// [`RunError::Setup`] when the run is refused before it sends anything, the journal left
+    /// as it was: a job edited under its id (with [`ChangedJobs`] in its text), a journal
+    /// whose jobs were sent to another base URL than the stack's (with [`OtherBaseUrl`] in its
+    /// text; see [`RunOptions::base_url_moved_from`]), or a journal that cannot be read or
     /// written at the start. [`RunError::Sent`] when a journal write fails once the run has
     /// begun sending (a create's mark, a task's end, a download's files): the run stops at once
     /// (no create leaves after it), and a run on the same journal looks up whatever this one
@@ -436,11 +483,15 @@ impl Engine {
         stop: StopSignal,
     ) -> Result<RunReport, RunError> {
         let plan = self.plan(jobs, &|| *stop.borrow()).map_err(|e| {
-            // A job edited under its id: the jobs file is at fault, not the journal.
+            let source = std::error::Error::source(&e);
             RunError::Setup(
-                match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ChangedJobs>()) {
-                    Some(changed) => SetupError::new("JOBS", changed.to_string()),
-                    None => SetupError::new("journal", e.to_string()),
+                // A job edited under its id: the jobs file is at fault, not the journal.
+                if let Some(changed) = source.and_then(|s| s.downcast_ref::<ChangedJobs>()) {
+                    SetupError::new("JOBS", changed.to_string())
+                } else if let Some(other) = source.and_then(|s| s.downcast_ref::<OtherBaseUrl>()) {
+                    SetupError::new("journal", other.to_string())
+                } else {
+                    SetupError::new("journal", e.to_string())
                 },
             )
         })?;
@@ -511,9 +562,22 @@ impl Engine {
         jobs: &'a [Job],
         stopped: &dyn Fn() -> bool,
     ) -> Result<Option<Plan<'a>>, JournalError> {
-        let Some(records) = self.journal.register_unless(jobs, stopped)? else {
+        // The journal is bound to the stack's base URL in the transaction that registers the
+        // jobs: a run refused for either (another base URL, a job edited under its id), or
+        // stopped meanwhile, leaves the journal as it was.
+        let bind = (
+            self.stack.base_url(),
+            self.options.base_url_moved_from.as_ref(),
+        );
+        let Some((records, binding)) = self.journal.register_unless(jobs, Some(bind), stopped)?
+        else {
             return Ok(None);
         };
+        if let (Some(binding), Some(hook)) = (&binding, &self.options.base_url_bound)
+            && *binding != BaseUrlBinding::Same
+        {
+            hook(binding);
+        }
         let jobs_by_id: HashMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
         let mut queued: Vec<&Job> = Vec::new();
         let mut creating: Vec<(&Job, String, JobState, bool)> = Vec::new();

@@ -44,6 +44,7 @@ use tower::Layer;
 use tower::util::BoxCloneSyncService;
 
 use crate::error::SetupError;
+use crate::journal::ApiOrigin;
 use crate::tally::{AttemptTally, AttemptTallyLayer, Counts, Tally, TallyLayer};
 
 /// The client under the stack: each attempt is counted by its Kling code.
@@ -82,6 +83,8 @@ macro_rules! with_layer {
 #[derive(Clone, Debug)]
 pub struct Stack {
     limits: Limits,
+    /// The API the stack sends to: its base URL as a journal records it.
+    base_url: ApiOrigin,
     service: BatchService,
     calls: Arc<Counts>,
     attempts: Arc<Counts>,
@@ -117,6 +120,17 @@ fn setup_error(e: &kling_tower::error::ConfigError) -> SetupError {
     SetupError::new(e.field().to_owned(), e.to_string())
 }
 
+/// The API of `base_url`, which the stack's base URL layer took: refused (not quoted, as the
+/// layer quotes none) if a journal cannot record it, which the layer's checks leave none.
+fn api_origin(base_url: &str) -> Result<ApiOrigin, SetupError> {
+    ApiOrigin::parse(base_url).ok_or_else(|| {
+        SetupError::new(
+            "base_url",
+            "is not an http:// or https:// URL with a host and no `@`, and is not quoted",
+        )
+    })
+}
+
 impl Stack {
     /// Builds the stack of `config` with `credentials` against `base_url`, its limits in this
     /// process, and its retry deadline at least [`QUEUE_DEADLINE`] ([`queue_config`]).
@@ -128,7 +142,7 @@ impl Stack {
         let layer = builder(config, credentials, base_url)
             .build()
             .map_err(|e| setup_error(&e))?;
-        Stack::assemble(Limits::InProcess(layer))
+        Stack::assemble(Limits::InProcess(layer), api_origin(base_url)?)
     }
 
     /// [`Stack::new`] with the account's limits (slots, rate, halts, lowered capacities) in the
@@ -145,10 +159,10 @@ impl Stack {
             .shared(connection)
             .build()
             .map_err(|e| setup_error(&e))?;
-        Stack::assemble(Limits::Redis(layer))
+        Stack::assemble(Limits::Redis(layer), api_origin(base_url)?)
     }
 
-    fn assemble(limits: Limits) -> Result<Stack, SetupError> {
+    fn assemble(limits: Limits, base_url: ApiOrigin) -> Result<Stack, SetupError> {
         kling_tower::client::install_ring_provider();
         // Connections give up opening well before an attempt times out (at `--speed`, that is
         // soon): one that never opened was never sent.
@@ -163,9 +177,17 @@ impl Stack {
         Ok(Stack {
             service: calls.layer(kling),
             limits,
+            base_url,
             calls: calls.counts(),
             attempts: attempts.counts(),
         })
+    }
+
+    /// The API the stack sends every request to: the base URL it was built with, as a journal
+    /// records it (scheme, host, port and path; see [`ApiOrigin`]).
+    /// [`Engine::run`](crate::run::Engine::run) binds its journal to it.
+    pub fn base_url(&self) -> &ApiOrigin {
+        &self.base_url
     }
 
     /// The monitor every layer reports to.

@@ -2920,3 +2920,191 @@ async fn the_access_key_pair_refused_on_a_new_style_endpoint_stops_the_run() {
         );
     }
 }
+
+/// What a journal records, queried back: its base URL, every job's record and every job's
+/// transitions.
+fn recorded(journal: &Journal) -> (Option<ApiOrigin>, Vec<JobRecord>, Vec<Vec<String>>) {
+    let records = journal.records().unwrap();
+    let transitions = records
+        .iter()
+        .map(|r| journal.transitions(&r.job_id).unwrap())
+        .collect();
+    (journal.base_url().unwrap(), records, transitions)
+}
+
+/// A library user's run binds its journal to the stack's base URL with no call of their own,
+/// and a resume through a stack sent elsewhere is refused before anything is sent, the
+/// journal as it was: the run used to bind nothing, and such a resume looked the journal's
+/// tasks up where they are not and created them again (billed twice). Sent to the same base
+/// URL, the resume goes on and creates nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_binds_its_journal_to_its_stacks_base_url_and_a_resume_sent_elsewhere_is_refused() {
+    let server = kling_mock::MockServer::start(MockConfig::preset(Preset::Pro).speed(1000.0))
+        .await
+        .unwrap();
+    let stack = |base: &str| {
+        Stack::new(
+            StackConfig::preset(Tier::Pro).speed(1000.0).headroom(0.5),
+            Credentials::api_key("key").unwrap(),
+            base,
+        )
+        .unwrap()
+    };
+    let options = || RunOptions::new(default_follow_policy(1000.0));
+    let (jobs, _) =
+        parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n{\"id\":\"b\",\"prompt\":\"b\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    let sent_to = stack(&server.base_url());
+    assert_eq!(
+        Some(sent_to.base_url()),
+        ApiOrigin::parse(&server.base_url()).as_ref()
+    );
+    let bound = Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let bound = bound.clone();
+        move |b: &BaseUrlBinding| bound.lock().unwrap().push(b.clone())
+    };
+    let engine = Engine::new(
+        sent_to.clone(),
+        journal.clone(),
+        options().on_base_url_bound(hook),
+    )
+    .unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop.clone()).await.unwrap();
+    assert!(
+        report
+            .records
+            .iter()
+            .all(|r| r.state == JobState::Succeeded)
+    );
+    assert_eq!(
+        journal.base_url().unwrap().as_ref(),
+        Some(sent_to.base_url())
+    );
+    assert_eq!(*bound.lock().unwrap(), [BaseUrlBinding::New]);
+
+    // Through a stack sent elsewhere (here, where nothing listens): refused, nothing sent,
+    // nothing written.
+    let before = recorded(&journal);
+    let elsewhere = stack_sending_nowhere();
+    let engine = Engine::new(elsewhere.clone(), journal.clone(), options()).unwrap();
+    let error = engine.run(&jobs, stop.clone()).await.unwrap_err();
+    assert!(!error.sent(), "{error}");
+    let text = error.to_string();
+    for named in [
+        format!("its jobs were sent to {}", sent_to.base_url()),
+        "this run sends to http://127.0.0.1:9".to_owned(),
+        "billed twice".to_owned(),
+    ] {
+        assert!(text.contains(&named), "names {named}: {text}");
+    }
+    assert_eq!(elsewhere.calls().requests(), 0, "nothing sent");
+    assert_eq!(recorded(&journal), before, "nothing written");
+
+    // The same base URL: the resume goes on, creates nothing again, and binds nothing anew.
+    let bound_again = Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let bound = bound_again.clone();
+        move |b: &BaseUrlBinding| bound.lock().unwrap().push(b.clone())
+    };
+    let engine = Engine::new(
+        stack(&server.base_url()),
+        journal.clone(),
+        options().on_base_url_bound(hook),
+    )
+    .unwrap();
+    engine.run(&jobs, stop).await.unwrap();
+    assert_eq!(server.stats().tasks_created, 2);
+    assert!(bound_again.lock().unwrap().is_empty());
+}
+
+/// A journal whose API is now reached at another base URL resumes there with
+/// [`RunOptions::base_url_moved_from`] naming the one it recorded, which the run replaces
+/// with its stack's (saying so to its hook); naming another, or none, the run is refused and
+/// the journal left as it was.
+#[tokio::test]
+async fn a_run_told_its_journals_base_url_moved_takes_the_stacks_in_its_place() {
+    let parse = |url: &str| ApiOrigin::parse(url).unwrap();
+    let recorded_at = parse("http://127.0.0.1:4001");
+    let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    journal.bind_base_url(&recorded_at, None).unwrap();
+    // Ended with a task there: nothing for a run to send.
+    journal
+        .transition("a", JobState::Creating, Update::default())
+        .unwrap();
+    journal
+        .transition("a", JobState::Failed, Update::task("t1"))
+        .unwrap();
+    let (_stop, stop) = watch::channel(false);
+    for moved_from in [None, Some(parse("http://127.0.0.1:4002"))] {
+        let before = recorded(&journal);
+        let mut options = RunOptions::new(default_follow_policy(1.0));
+        if let Some(from) = &moved_from {
+            options = options.base_url_moved_from(from.clone());
+        }
+        let stack = stack_sending_nowhere();
+        let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
+        let error = engine.run(&jobs, stop.clone()).await.unwrap_err();
+        assert!(error.to_string().contains("billed twice"), "{error}");
+        assert_eq!(recorded(&journal), before, "{moved_from:?}");
+        assert_eq!(stack.calls().requests(), 0);
+    }
+    let bound = Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let bound = bound.clone();
+        move |b: &BaseUrlBinding| bound.lock().unwrap().push(b.clone())
+    };
+    let options = RunOptions::new(default_follow_policy(1.0))
+        .base_url_moved_from(recorded_at.clone())
+        .on_base_url_bound(hook);
+    let stack = stack_sending_nowhere();
+    let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
+    let report = engine.run(&jobs, stop).await.unwrap();
+    assert_eq!(report.records[0].state, JobState::Failed);
+    assert_eq!(journal.base_url().unwrap().as_ref(), Some(stack.base_url()));
+    assert_eq!(
+        *bound.lock().unwrap(),
+        [BaseUrlBinding::Moved { from: recorded_at }]
+    );
+    assert_eq!(stack.calls().requests(), 0);
+}
+
+/// A run refused for a job edited under its id leaves the journal as it found it, its base
+/// URL included: a journal of an earlier version (none recorded) is not bound to the refused
+/// run's, and the hook is not told of a binding that did not happen.
+#[tokio::test]
+async fn a_run_refused_for_a_changed_job_leaves_the_journal_and_its_base_url_as_they_were() {
+    let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    journal
+        .transition("a", JobState::Creating, Update::default())
+        .unwrap();
+    journal
+        .transition("a", JobState::Created, Update::task("t1"))
+        .unwrap();
+    let before = recorded(&journal);
+    assert_eq!(before.0, None);
+    let (edited, _) =
+        parse_jobs("{\"id\":\"a\",\"prompt\":\"a, but blue\"}\n{\"id\":\"b\",\"prompt\":\"b\"}\n");
+    let told = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let told = told.clone();
+        move |_: &BaseUrlBinding| told.store(true, Ordering::SeqCst)
+    };
+    let stack = stack_sending_nowhere();
+    let options = RunOptions::new(default_follow_policy(1.0)).on_base_url_bound(hook);
+    let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let error = engine.run(&edited, stop).await.unwrap_err();
+    assert!(
+        error.to_string().starts_with("JOBS: job `a` (line 1)"),
+        "{error}"
+    );
+    assert_eq!(recorded(&journal), before);
+    assert!(!told.load(Ordering::SeqCst));
+    assert_eq!(stack.calls().requests(), 0);
+}

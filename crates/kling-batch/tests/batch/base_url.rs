@@ -476,3 +476,126 @@ async fn a_journal_whose_jobs_were_never_created_takes_the_next_runs_base_url() 
     );
     assert_eq!(refusing.stats().requests_total, 1);
 }
+
+/// What a journal records, queried back: its base URL, every job's record and every job's
+/// transitions.
+fn recorded(
+    path: &Path,
+) -> (
+    Option<ApiOrigin>,
+    Vec<kling_batch::journal::JobRecord>,
+    Vec<Vec<String>>,
+) {
+    let journal = Journal::open(path).unwrap();
+    let records = journal.records().unwrap();
+    let transitions = records
+        .iter()
+        .map(|r| journal.transitions(&r.job_id).unwrap())
+        .collect();
+    (journal.base_url().unwrap(), records, transitions)
+}
+
+/// A resume refused for a job edited under its id leaves the journal as it found it, and
+/// makes no `--download` folder: one of an earlier version (no base URL recorded), one whose
+/// jobs were never sent (at another base URL), and one named by `--base-url-moved-from` each
+/// used to record this run's base URL before the jobs were refused, so that the next run,
+/// sent where the jobs were, was refused as sent elsewhere; and the folder was made. No note
+/// says that the journal records this run's base URL. The control: the file as it was, the
+/// same run goes on past the journal, records its base URL, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_refused_for_a_changed_job_leaves_the_journal_and_its_base_url_as_they_were() {
+    let dir = temp_dir("base-url-changed-jobs");
+    let jobs = dir.join("jobs.jsonl");
+    let original = "{\"id\":\"a\",\"prompt\":\"one\"}\n{\"id\":\"b\",\"prompt\":\"two\"}\n";
+    let (parsed, _) = kling_batch::jobs::parse_jobs(original);
+    let recorded_at = ApiOrigin::parse("http://127.0.0.1:4001").unwrap();
+    let journal_at = |name: &str, state: JobState, base: Option<&ApiOrigin>| {
+        let path = dir.join(name);
+        let journal = Journal::open(&path).unwrap();
+        journal.register(&parsed).unwrap();
+        if let Some(base) = base {
+            journal.bind_base_url(base, None).unwrap();
+        }
+        if state != JobState::Queued {
+            journal
+                .transition("a", JobState::Creating, Update::default())
+                .unwrap();
+            journal.transition("a", state, Update::task("t1")).unwrap();
+        }
+        path
+    };
+    let cases = [
+        (journal_at("earlier.sqlite", JobState::Failed, None), vec![]),
+        (
+            journal_at("unsent.sqlite", JobState::Queued, Some(&recorded_at)),
+            vec![],
+        ),
+        (
+            journal_at("moved.sqlite", JobState::Failed, Some(&recorded_at)),
+            vec!["--base-url-moved-from", "http://127.0.0.1:4001"],
+        ),
+    ];
+    let files = dir.join("files");
+    let edited = "{\"id\":\"a\",\"prompt\":\"one, but blue\"}\n{\"id\":\"b\",\"prompt\":\"two\"}\n";
+    for (path, moved) in &cases {
+        std::fs::write(&jobs, edited).unwrap();
+        let before = recorded(path);
+        let mut cmd = run(
+            &jobs,
+            &[&["--tier", "pro", "--base-url", NOWHERE][..], moved].concat(),
+            &[],
+        );
+        cmd.arg("--journal").arg(path).arg("--download").arg(&files);
+        let stderr = exited(&finish(cmd).await, 2);
+        assert!(
+            stderr.contains("JOBS: job `a` (line 1)"),
+            "{path:?}: {stderr}"
+        );
+        assert!(!stderr.contains("now"), "{path:?}: no note: {stderr}");
+        assert_eq!(recorded(path), before, "{path:?}: {stderr}");
+        assert!(!files.exists(), "{path:?}: no folder made: {stderr}");
+    }
+    // The control: the file as it was. The jobs left to send go where nothing listens: the
+    // run is stopped once it has recorded its base URL (it says so first).
+    std::fs::write(&jobs, original).unwrap();
+    for (path, moved) in &cases {
+        let mut cmd = run(
+            &jobs,
+            &[
+                &["--tier", "pro", "--speed", "100", "--base-url", NOWHERE][..],
+                moved,
+            ]
+            .concat(),
+            &[],
+        );
+        cmd.arg("--journal")
+            .arg(path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let mut said = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            use tokio::io::AsyncReadExt as _;
+            let mut buf = [0; 1024];
+            while !String::from_utf8_lossy(&said).contains(&format!("now records {NOWHERE}"))
+                && !String::from_utf8_lossy(&said)
+                    .contains(&format!("are now looked up at {NOWHERE}"))
+            {
+                let n = stderr.read(&mut buf).await.unwrap();
+                assert_ne!(n, 0, "{path:?}: {}", String::from_utf8_lossy(&said));
+                said.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{path:?}: the note: {}", String::from_utf8_lossy(&said)));
+        child.kill().await.unwrap();
+        child.wait().await.unwrap();
+        assert_eq!(
+            recorded(path).0,
+            ApiOrigin::parse(NOWHERE),
+            "{path:?}: {}",
+            String::from_utf8_lossy(&said)
+        );
+    }
+}
