@@ -16,7 +16,7 @@ use kling_core::{AccountId, BoxError, Code, Outcome};
 use kling_retry::error::{DeadlineExceeded, Failed, StopReason};
 use pin_project_lite::pin_project;
 
-use super::{Ledger, Nanos};
+use super::{Ledger, Nanos, kept_id};
 use crate::error::BudgetExceeded;
 
 /// A create's reservation, settled by its response.
@@ -25,8 +25,8 @@ pub(crate) struct Settle {
     pub(crate) account: Option<AccountId>,
     /// What was reserved, as the ledger counts.
     pub(crate) estimate: Nanos,
-    /// The create's external id as the guard recognised it (the caller's), to remember it by
-    /// should its outcome be unknown.
+    /// The create's external id as the guard recognised it (the caller's), [as the ledger
+    /// keeps it](super::kept_id), to remember it by should its outcome be unknown.
     pub(crate) external_id: Option<String>,
     /// Whether the layers below held the create back unsent, read if the caller drops it.
     pub(crate) watch: SendWatch,
@@ -172,7 +172,8 @@ where
                         } else {
                             // The id a retry layer below looks the create up by: the caller's,
                             // or one it generated, which the request never showed here.
-                            let named = retry_external_id(&*error).map(str::to_owned);
+                            let named =
+                                retry_external_id(&*error).map(|id| kept_id(id).into_owned());
                             let kept = named.or_else(|| external_id.clone());
                             ledger.kept(&account, estimate, sent_id, kept);
                         }

@@ -46,6 +46,21 @@
 //! id the guard never saw (dropped by its caller while a retry layer below had it out). Ids
 //! are not kept for ever: memory stays bounded.
 //!
+//! Nor does an id's length count: an external id longer than 256 bytes (KLING_API.md states no
+//! limit; a generated `kr-…` id is 35 bytes) is kept as its SHA-256 digest, in 51 bytes, and
+//! matched as exactly as the id itself (barring a SHA-256 collision). A false match could give
+//! one create's estimate to another's task and leave that one uncharged; forgetting a long id
+//! would keep its create's estimate where a lookup reports the cost, and charge a resend
+//! answered with that task again.
+//!
+//! Nor are accounts kept for ever. An account with nothing left to remember is forgotten: no
+//! create out, and its period over, or holding no charge, no task awaiting a cost and no create
+//! of unknown outcome. It starts again as a new one would (its next create starts a period,
+//! later than its own would have); the tasks it was charged for are forgotten with it (a create
+//! answered with one is charged again): the guard errs towards counting more. The accounts are
+//! swept when a new one would bring them to twice those kept at the last sweep (64 at least):
+//! a gateway routing many accounts through one guard keeps about those of the current period.
+//!
 //! The refusal is read wherever it arrives: as a response (the guard over a bare client), or
 //! as the error a retry layer below makes of it (the guard in [`KlingLayer`](crate::KlingLayer),
 //! where every refusal is a `kling_retry` [`Failed`](kling_retry::error::Failed) or
@@ -64,8 +79,9 @@
 //! gives it back too.
 //!
 //! Budgets are kept per [`AccountId`] (requests without one share a budget) and start again
-//! every period, counted from an account's first create. A new period starts from the creates
-//! still open (reserved, not yet answered or given back): they are sent, if at all, in it.
+//! every period, counted from an account's first create (its first since it was forgotten). A
+//! new period starts from the creates still open (reserved, not yet answered or given back):
+//! they are sent, if at all, in it.
 //!
 //! # Example
 //!
@@ -80,7 +96,10 @@
 //! ```
 
 pub mod future;
+#[cfg(test)]
+mod tests;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,11 +107,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::Full;
 use kling_core::signals::SendWatch;
 use kling_core::{AccountId, BoxError, PeekBody, Pool, Product, Recognized, TaskReport};
+use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -268,14 +290,14 @@ struct Account {
 }
 
 impl Account {
-    /// A create with the caller's external id `id` is out.
+    /// A create with the caller's external id `id` ([as kept](kept_id)) is out.
     fn sending(&mut self, id: Option<&str>) {
         if let Some(id) = id {
             self.sending.add(id);
         }
     }
 
-    /// A create with the caller's external id `id` is settled.
+    /// A create with the caller's external id `id` ([as kept](kept_id)) is settled.
     fn settled(&mut self, id: Option<&str>) {
         if let Some(id) = id {
             self.sending.remove(id);
@@ -283,8 +305,52 @@ impl Account {
     }
 }
 
-/// A multiset of ids: how many of the entries it counts carry each id, an id dropped when
-/// none does.
+/// The longest external id the ledger keeps as it is, in bytes. KLING_API.md states no limit
+/// (a generated `kr-…` id is 35 bytes, a UUID 36): this one is generous, and a longer id is
+/// kept as its digest ([`kept_id`]), so what an account's ledger holds no longer grows with
+/// what its callers send.
+const EXTERNAL_ID_KEPT_BYTES: usize = 256;
+
+/// What starts an external id kept as its digest. An id the caller sends starting so is
+/// digested too, whatever its length: no id kept as it is can equal a digest.
+const DIGESTED: &str = "\0sha256:";
+
+/// An external id as the ledger keeps it: as it is, or, longer than
+/// [`EXTERNAL_ID_KEPT_BYTES`] (or starting with [`DIGESTED`]), as [`DIGESTED`] and its SHA-256
+/// digest (51 bytes). Two ids are kept alike only when they are equal (barring a SHA-256
+/// collision), so matching stays exact: a report names an unknown create's task only with that
+/// create's own id. A false match could hand one create's estimate to another's task and
+/// leave that one's task uncharged; a short or weak hash, or the id's first bytes, would allow
+/// one. Not remembering a long id, as a create without one, would err towards counting more
+/// too, but keep its estimate where a lookup reports the cost, and charge a resend answered
+/// with that task again.
+///
+/// Every external id enters the ledger so: the caller's once, as its create is recognised
+/// (a long one is hashed once a create), one a retry layer names as its create is settled, one
+/// a report echoes as it is matched.
+pub(crate) fn kept_id(id: &str) -> Cow<'_, str> {
+    if digested(id) {
+        Cow::Owned(digest(id))
+    } else {
+        Cow::Borrowed(id)
+    }
+}
+
+/// Whether the ledger keeps `id` as its digest ([`kept_id`]).
+fn digested(id: &str) -> bool {
+    id.len() > EXTERNAL_ID_KEPT_BYTES || id.starts_with(DIGESTED)
+}
+
+/// `id` kept as its digest ([`kept_id`]).
+fn digest(id: &str) -> String {
+    let mut kept = String::with_capacity(DIGESTED.len() + 43);
+    kept.push_str(DIGESTED);
+    URL_SAFE_NO_PAD.encode_string(Sha256::digest(id.as_bytes()), &mut kept);
+    kept
+}
+
+/// A multiset of ids (external ids, [as kept](kept_id)): how many of the entries it counts
+/// carry each id, an id dropped when none does.
 #[derive(Debug, Default)]
 struct IdCounts(HashMap<String, usize>);
 
@@ -309,6 +375,10 @@ impl IdCounts {
 
     fn contains(&self, id: &str) -> bool {
         self.0.contains_key(id)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     fn total(&self) -> usize {
@@ -353,7 +423,7 @@ impl ChargedTasks {
 /// Two such creates with one external id are two entries: each may have made a task.
 #[derive(Debug, Default)]
 struct UnknownCreates {
-    /// External id and estimate, oldest first.
+    /// External id ([as kept](kept_id)) and estimate, oldest first.
     order: VecDeque<(String, Nanos)>,
     /// External id → how many entries of `order` carry it: a report naming none of them is
     /// passed over without a search.
@@ -407,13 +477,26 @@ impl UnknownCreates {
     }
 }
 
+/// The fewest accounts a ledger holds before it sweeps: a stack's guard, with its one account,
+/// never does.
+const SWEEP_AT_LEAST: usize = 64;
+
+/// The accounts of a ledger: those with something to remember, and those forgotten at the
+/// next sweep.
+struct Accounts {
+    map: HashMap<Option<AccountId>, Account>,
+    /// The size at which starting an account first forgets those with nothing left to
+    /// remember ([`Ledger::sweep`]).
+    sweep_at: usize,
+}
+
 pub(crate) struct Ledger {
     budget: f64,
     /// `budget`, as the ledger counts.
     budget_nanos: Nanos,
     period: Duration,
     costs: CostTable,
-    accounts: Mutex<HashMap<Option<AccountId>, Account>>,
+    accounts: Mutex<Accounts>,
     /// Tasks whose cost is awaited, over all accounts, and creates kept with an unknown outcome
     /// whose task may still turn up by their external id: responses are only inspected when
     /// some are.
@@ -437,9 +520,9 @@ impl fmt::Debug for Ledger {
         match accounts {
             Some(accounts) => {
                 let sum =
-                    |count: fn(&Account) -> usize| accounts.values().map(count).sum::<usize>();
+                    |count: fn(&Account) -> usize| accounts.map.values().map(count).sum::<usize>();
                 debug
-                    .field("accounts", &accounts.len())
+                    .field("accounts", &accounts.map.len())
                     .field("awaited_tasks", &sum(|a| a.tasks.len()))
                     .field("charged_tasks", &sum(|a| a.charged.order.len()))
                     .field("unknown_creates", &sum(|a| a.unknown.len()))
@@ -454,18 +537,22 @@ impl fmt::Debug for Ledger {
 }
 
 impl Ledger {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Option<AccountId>, Account>> {
+    fn lock(&self) -> MutexGuard<'_, Accounts> {
         self.accounts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The account's entry, started or rolled into the current period.
+    /// The account's entry, started or rolled into the current period. Starting one sweeps
+    /// the accounts first when they have reached [`Accounts::sweep_at`].
     fn account<'a>(
         &self,
-        accounts: &'a mut HashMap<Option<AccountId>, Account>,
+        accounts: &'a mut Accounts,
         key: &Option<AccountId>,
         now: Instant,
     ) -> &'a mut Account {
-        let account = accounts.entry(key.clone()).or_insert_with(|| Account {
+        if accounts.map.len() >= accounts.sweep_at && !accounts.map.contains_key(key) {
+            self.sweep(accounts, now);
+        }
+        let account = accounts.map.entry(key.clone()).or_insert_with(|| Account {
             period_start: now,
             committed: 0,
             open: 0,
@@ -501,8 +588,50 @@ impl Ledger {
         account
     }
 
-    /// Reserves `estimate` credits for a create sent with the caller's `external_id`,
-    /// returning what was reserved (to settle it with), or refuses the create.
+    /// Forgets every account with [nothing left to remember](Self::forgettable), then sets
+    /// the next sweep at twice the accounts left (at least [`SWEEP_AT_LEAST`]): a sweep visits
+    /// at most twice as many accounts as were started since the last, O(1) per account
+    /// started, and the map stays under twice the accounts that had something to remember at
+    /// the last sweep.
+    #[cold]
+    #[inline(never)]
+    fn sweep(&self, accounts: &mut Accounts, now: Instant) {
+        let mut awaited = 0;
+        accounts.map.retain(|_, account| {
+            let forget = self.forgettable(account, now);
+            if forget {
+                // What rolling its period over would have stopped awaiting.
+                awaited += account.tasks.len() + account.unknown.len();
+            }
+            !forget
+        });
+        self.awaited.fetch_sub(awaited, Ordering::Relaxed);
+        accounts.sweep_at = accounts.map.len().saturating_mul(2).max(SWEEP_AT_LEAST);
+        // The buckets of a crowd gone: memory follows the accounts kept.
+        if accounts.map.capacity() > accounts.sweep_at.saturating_mul(4) {
+            accounts.map.shrink_to(accounts.sweep_at);
+        }
+    }
+
+    /// Whether forgetting `account` changes no later decision but to count more: no create is
+    /// out (reserved, or carrying an external id), and its period has ended (rolled over, it
+    /// would start from nothing but the tasks it was charged for) or holds nothing (no charge,
+    /// no task awaiting a cost, no create of unknown outcome). Started again, its next create
+    /// starts its period, later than its own would have (its creates count for longer), and
+    /// the tasks it was charged for are forgotten (a create answered with one is charged
+    /// again).
+    fn forgettable(&self, account: &Account, now: Instant) -> bool {
+        account.open == 0
+            && account.sending.is_empty()
+            && (now >= account.period_start + self.period
+                || (account.committed == 0
+                    && account.tasks.is_empty()
+                    && account.unknown.is_empty()))
+    }
+
+    /// Reserves `estimate` credits for a create sent with the caller's `external_id` ([as
+    /// kept](kept_id), as every id below), returning what was reserved (to settle it with), or
+    /// refuses the create.
     fn reserve(
         &self,
         key: &Option<AccountId>,
@@ -599,8 +728,9 @@ impl Ledger {
             return;
         }
         let mut accounts = self.lock();
-        // An account that never created awaits no cost: a report starts no period for it.
-        if !accounts.contains_key(key) {
+        // An account that never created (or was forgotten) awaits no cost: a report starts no
+        // period for it.
+        if !accounts.map.contains_key(key) {
             return;
         }
         let account = self.account(&mut accounts, key, Instant::now());
@@ -623,13 +753,14 @@ impl Ledger {
         let Some(external_id) = report.external_id.as_deref() else {
             return;
         };
-        if account.tasks.contains_key(&report.id)
-            || account.charged.contains(&report.id)
-            || account.sending.contains(external_id)
-        {
+        if account.tasks.contains_key(&report.id) || account.charged.contains(&report.id) {
             return;
         }
-        if let Some(kept) = account.unknown.take(external_id) {
+        let external_id = kept_id(external_id);
+        if account.sending.contains(&external_id) {
+            return;
+        }
+        if let Some(kept) = account.unknown.take(&external_id) {
             account.tasks.insert(report.id.clone(), kept);
         }
     }
@@ -705,7 +836,10 @@ impl SpendGuardLayer {
                 budget_nanos: to_nanos(credits),
                 period,
                 costs,
-                accounts: Mutex::new(HashMap::new()),
+                accounts: Mutex::new(Accounts {
+                    map: HashMap::new(),
+                    sweep_at: SWEEP_AT_LEAST,
+                }),
                 awaited: AtomicUsize::new(0),
             }),
         })
@@ -740,7 +874,7 @@ impl SpendGuardLayer {
         let key = account.cloned();
         let mut accounts = self.ledger.lock();
         // A look starts nothing: an account's first period starts at its first create.
-        if !accounts.contains_key(&key) {
+        if !accounts.map.contains_key(&key) {
             return 0;
         }
         self.ledger
@@ -838,7 +972,10 @@ where
                     self.ledger.costs.estimate(recognized),
                     // Kept should its outcome be unknown: the task it made is found by it. An id
                     // a retry layer below writes in is not here yet (its error names it).
-                    recognized.external_id.clone(),
+                    recognized
+                        .external_id
+                        .as_deref()
+                        .map(|id| kept_id(id).into_owned()),
                 )
             })
         } else {
