@@ -620,10 +620,12 @@ impl Ended {
 ///
 /// What the bound costs: an end pushed out by 4096 later ones filed on its lane before an
 /// adopt looks for it lets a list that named the task running adopt it, its slot held until
-/// the lease. The rings together keep at least the last 4096 ends of every thread (and at most
-/// [`LANES`] times that many). A reconcile adopts each page's tasks as soon as the page is
-/// answered, so that takes 4096 ends within one page's round trip, or a list that far behind
-/// the ends; not 4096 over the whole reconcile, as when it adopted only after its last page.
+/// the lease. The rings together keep at least the last 4096 ends of every lane, and so the
+/// last 4096 in all (a lane's are those of every thread on it: threads beyond [`LANES`] share
+/// lanes), and at most [`LANES`] times that many. A reconcile adopts each page's tasks as soon
+/// as the page is answered, so that takes 4096 ends within one page's round trip, or a list
+/// that far behind the ends; not 4096 over the whole reconcile, as when it adopted only after
+/// its last page.
 struct Freed(Box<[FreedRing; LANES]>);
 
 impl Default for Freed {
