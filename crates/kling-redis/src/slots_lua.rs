@@ -673,6 +673,15 @@ elseif op == 'hold' or op == 'reg' then
     map_ids(pk, h, id, ext, ARGV[11])
     if id then prove_level(pk) end
     changed = 1
+  elseif raw then
+    -- A registration of a holding an older state brought back: its copy keeps the lease that
+    -- state had, which may be over while the task runs on (renewed since by a report, the
+    -- owner's or another process's, that the older state lacks). It lasts what the owner has
+    -- left of it, never less than the copy's.
+    local l = pk .. ':l'
+    local ends = now + lease
+    local was = redis.call('ZSCORE', l, h)
+    if not was or tonumber(was) < ends then redis.call('ZADD', l, int(ends), h) end
   elseif not raw then
     local kind = 't'
     local adopted = nil

@@ -2123,6 +2123,46 @@ async fn a_task_renewed_by_another_process_keeps_its_slot_through_a_loss_of_stat
     }
 }
 
+/// A task another process renewed after Redis's snapshot keeps its slot when Redis comes back
+/// with that snapshot: the copy it brings back carries the lease the snapshot had (over by
+/// now), and the owner's registration, which keeps the copy, renews it to what is left of the
+/// lease the owner last read in Redis. Before, the copy kept its old lease: the pool's next
+/// ask (or any process's snapshot) released it as expired, the owner dropped the task at its
+/// next pass, and the fleet let a create in past the pool's limit. The control: the pool,
+/// full with the task, makes another create wait; and the task's end frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_renewed_after_the_snapshot_keeps_its_slot_when_redis_comes_back_older() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 1).await;
+    let two = backend(&server, 1).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    let own = Duration::from_millis(500);
+    one.apply(hold(r, "t1", own)).await.unwrap();
+    // The snapshot holds t1 with its owner's lease.
+    server.save().unwrap();
+    // Another process's query of t1 renews its lease in Redis for a minute, after it.
+    two.apply(running("t1")).await.unwrap();
+    tokio::time::sleep(own + Duration::from_millis(200)).await;
+    one.maintain().await.unwrap();
+    assert_eq!(in_use(&two).await, 1, "t1 runs, renewed");
+    server.restart_from_snapshot().unwrap();
+    maintained(&one).await;
+    maintained(&two).await;
+    maintained(&one).await;
+    assert_eq!(in_use(&two).await, 1, "t1 holds its slot");
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 1, "t1 kept on record");
+    assert_eq!(in_use(&two).await, 1, "t1 still holds its slot");
+    let past = tokio::time::timeout(Duration::from_millis(300), two.acquire(video(), 1)).await;
+    assert!(past.is_err(), "a create past the limit");
+    let done = two
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(done.released.len(), 1, "t1 was held");
+    assert_eq!(in_use(&two).await, 0);
+}
+
 /// Fleet time runs on the monotonic clock from the last measurement of the server's: a
 /// system clock stepped two minutes forward after it (a resumed VM, `makestep`) does not run
 /// a live lease out and grant its slot again.
