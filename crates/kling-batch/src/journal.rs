@@ -1360,11 +1360,7 @@ impl Journal {
                 // Dropping the transaction rolls it back.
                 return Ok(None);
             }
-            let stored: Option<(String, String)> = tx
-                .prepare_cached("SELECT endpoint, body FROM jobs WHERE job_id = ?1")?
-                .query_row(params![job.id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            if let Some((endpoint, body)) = stored {
+            if let Some((endpoint, body)) = stored_job(&tx, &job.id)? {
                 if same_job(job, &endpoint, &body) {
                     tx.prepare_cached("UPDATE jobs SET line = ?2 WHERE job_id = ?1")?
                         .execute(params![job.id, job.line as i64])?;
@@ -1419,10 +1415,7 @@ impl Journal {
         if !changed.is_empty() {
             // Dropping the transaction rolls it back: nothing of this file is recorded, nor
             // this run's base URL.
-            return Err(JournalError::new(
-                "the jobs file changed",
-                ChangedJobs::new(changed),
-            ));
+            return Err(changed_jobs(changed));
         }
         if let (Some((base, _)), Some(binding)) = (bind, &binding)
             && *binding != BaseUrlBinding::Same
@@ -1456,14 +1449,9 @@ impl Journal {
     /// As [`register`](Self::register)'s: the source is [`ChangedJobs`].
     pub(crate) fn check_jobs(&self, jobs: &[Job]) -> Result<(), JournalError> {
         let conn = self.lock();
-        let mut select =
-            conn.prepare_cached("SELECT endpoint, body FROM jobs WHERE job_id = ?1")?;
         let mut changed = Vec::new();
         for job in jobs {
-            let stored: Option<(String, String)> = select
-                .query_row(params![job.id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            if let Some((endpoint, body)) = stored
+            if let Some((endpoint, body)) = stored_job(&conn, &job.id)?
                 && !same_job(job, &endpoint, &body)
             {
                 changed.push((job.id.clone(), job.line));
@@ -1472,10 +1460,7 @@ impl Journal {
         if changed.is_empty() {
             Ok(())
         } else {
-            Err(JournalError::new(
-                "the jobs file changed",
-                ChangedJobs::new(changed),
-            ))
+            Err(changed_jobs(changed))
         }
     }
 
@@ -1784,6 +1769,19 @@ fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         error: error.and_then(|e| serde_json::from_str(&e).ok()),
         download_error: download_error.and_then(|e| serde_json::from_str(&e).ok()),
     })
+}
+
+/// The endpoint and body the journal keeps for the job `job_id`, if it has one: what
+/// [`Journal::register`] and [`Journal::check_jobs`] compare a job of the file with.
+fn stored_job(conn: &Connection, job_id: &str) -> rusqlite::Result<Option<(String, String)>> {
+    conn.prepare_cached("SELECT endpoint, body FROM jobs WHERE job_id = ?1")?
+        .query_row(params![job_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+}
+
+/// The refusal of a jobs file whose jobs `changed` (id and line) were edited under their id.
+fn changed_jobs(changed: Vec<(String, usize)>) -> JournalError {
+    JournalError::new("the jobs file changed", ChangedJobs::new(changed))
 }
 
 /// Whether a stored endpoint and body (JSON text) are `job`'s.
