@@ -644,12 +644,8 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     // of the registration's instructions (1.85 G against 4.36 G).
     if resumed && args.download.as_ref().is_some_and(|dir| !dir.exists()) {
         journal.check_jobs(&jobs).map_err(|e| {
-            match std::error::Error::source(&e)
-                .and_then(|s| s.downcast_ref::<crate::error::ChangedJobs>())
-            {
-                Some(changed) => SetupError::new("JOBS", changed.to_string()),
-                None => SetupError::new("--journal", format!("{shown}: {e}")),
-            }
+            e.changed_jobs_refusal()
+                .unwrap_or_else(|| SetupError::new("--journal", format!("{shown}: {e}")))
         })?;
     }
     let (listeners, follow, options_callback) = match bound {

@@ -61,6 +61,14 @@ impl JournalError {
     pub fn context(&self) -> &str {
         self.context
     }
+
+    /// The refusal of the jobs file (`JOBS`) when the journal refused jobs edited under their
+    /// id ([`ChangedJobs`]): the file is at fault, not the journal. `None` for any other error,
+    /// which its caller names by what it knows of the journal.
+    pub(crate) fn changed_jobs_refusal(&self) -> Option<SetupError> {
+        let changed = self.source.downcast_ref::<ChangedJobs>()?;
+        Some(SetupError::new("JOBS", changed.to_string()))
+    }
 }
 
 impl fmt::Display for JournalError {

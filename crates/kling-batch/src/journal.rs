@@ -204,7 +204,8 @@ impl Update {
 /// Read as the stack reads a base URL (kling-tower's `BaseUrlLayer`): the scheme and host in
 /// lower case, the scheme's default port left out (`https://h:443` is `https://h`), and the
 /// path without its trailing `/` (`https://proxy.example/kling/` is
-/// `https://proxy.example/kling`).
+/// `https://proxy.example/kling`). The path is otherwise kept as written: its case and its
+/// percent-encoding are not folded (`/Kling`, `/kling`, `/a%2Fb` and `/a/b` are four paths).
 ///
 /// The path counts. The stack puts it before every request's path
 /// (`https://proxy.example/kling` sends `/kling/v1/videos/text2video`), and a proxy may route
@@ -3071,6 +3072,65 @@ mod tests {
         );
         assert_eq!(earlier.base_url().unwrap(), Some(a.clone()));
         assert!(earlier.bind_base_url(&b, None).is_err());
+    }
+
+    /// A journal whose jobs were sent resumes at its base URL however it is spelt (scheme and
+    /// host in any case, the default port written or not, a trailing `/`), and is refused,
+    /// writing nothing, at another host, port, scheme or path prefix, or at a path that
+    /// differs in case or percent-encoding alone (a proxy may route those apart).
+    #[test]
+    fn a_journal_resumes_at_its_base_url_however_spelt_and_nowhere_else() {
+        let parse = |url: &str| ApiOrigin::parse(url).unwrap();
+        let cases: [(&str, &[&str], &[&str]); 2] = [
+            (
+                "https://API.example.com/",
+                &[
+                    "https://api.example.com",
+                    "https://api.example.com:443",
+                    "HTTPS://Api.Example.COM:443/",
+                ],
+                &[
+                    "https://api.example.org",
+                    "https://api.example.com:8443",
+                    "http://api.example.com",
+                    "https://api.example.com/v1",
+                ],
+            ),
+            (
+                "http://h:80/Kling/a%2Fb/",
+                &["http://h/Kling/a%2Fb", "HTTP://H/Kling/a%2Fb/"],
+                &[
+                    "http://h/kling/a%2Fb",
+                    "http://h/Kling/a%2fb",
+                    "http://h/Kling/a/b",
+                    "http://h/Kling",
+                    "http://h:8080/Kling/a%2Fb",
+                    "https://h/Kling/a%2Fb",
+                ],
+            ),
+        ];
+        let (jobs, _) = parse_jobs("{\"id\":\"x\",\"prompt\":\"x\"}\n");
+        for (first, same, others) in cases {
+            let journal = Journal::open_in_memory().unwrap();
+            journal.register(&jobs).unwrap();
+            journal.bind_base_url(&parse(first), None).unwrap();
+            journal
+                .transition("x", JobState::Created, Update::task("t1"))
+                .unwrap();
+            let recorded = journal.base_url().unwrap();
+            for url in same {
+                let bound = journal.bind_base_url(&parse(url), None);
+                assert_eq!(bound.unwrap(), BaseUrlBinding::Same, "{first} then {url}");
+            }
+            for url in others {
+                let error = journal.bind_base_url(&parse(url), None).unwrap_err();
+                assert!(
+                    std::error::Error::source(&error).is_some_and(|e| e.is::<OtherBaseUrl>()),
+                    "{first} then {url}: {error}"
+                );
+                assert_eq!(journal.base_url().unwrap(), recorded, "{first} then {url}");
+            }
+        }
     }
 
     /// What a journal records, queried back: its base URL, every job's record and every

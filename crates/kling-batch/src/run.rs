@@ -107,7 +107,7 @@ use tower::ServiceExt as _;
 
 use self::failure::{Failure, failure_of};
 use crate::download::{self, DownloadTimeouts};
-use crate::error::{ChangedJobs, JournalError, OtherBaseUrl, RunError, SetupError, redacted_url};
+use crate::error::{JournalError, OtherBaseUrl, RunError, SetupError, redacted_url};
 use crate::jobs::Job;
 use crate::journal::{ApiOrigin, BaseUrlBinding, ErrorInfo, JobRecord, JobState, Journal, Update};
 use crate::progress::Progress;
@@ -470,30 +470,28 @@ impl Engine {
     /// # Errors
     ///
     /// [`RunError::Setup`] when the run is refused before it sends anything, the journal left
-    /// as it was: a job edited under its id (with [`ChangedJobs`] in its text), a journal
-    /// whose jobs were sent to another base URL than the stack's (with [`OtherBaseUrl`] in its
-    /// text; see [`RunOptions::base_url_moved_from`]), or a journal that cannot be read or
-    /// written at the start. [`RunError::Sent`] when a journal write fails once the run has
-    /// begun sending (a create's mark, a task's end, a download's files): the run stops at once
-    /// (no create leaves after it), and a run on the same journal looks up whatever this one
-    /// may have created, and follows or fetches what it could not record.
+    /// as it was: a job edited under its id (with [`ChangedJobs`](crate::error::ChangedJobs)
+    /// in its text), a journal whose jobs were sent to another base URL than the stack's (with
+    /// [`OtherBaseUrl`] in its text; see [`RunOptions::base_url_moved_from`]), or a journal
+    /// that cannot be read or written at the start. [`RunError::Sent`] when a journal write
+    /// fails once the run has begun sending (a create's mark, a task's end, a download's
+    /// files): the run stops at once (no create leaves after it), and a run on the same
+    /// journal looks up whatever this one may have created, and follows or fetches what it
+    /// could not record.
     pub async fn run(
         self: &Arc<Self>,
         jobs: &[Job],
         stop: StopSignal,
     ) -> Result<RunReport, RunError> {
         let plan = self.plan(jobs, &|| *stop.borrow()).map_err(|e| {
-            let source = std::error::Error::source(&e);
-            RunError::Setup(
-                // A job edited under its id: the jobs file is at fault, not the journal.
-                if let Some(changed) = source.and_then(|s| s.downcast_ref::<ChangedJobs>()) {
-                    SetupError::new("JOBS", changed.to_string())
-                } else if let Some(other) = source.and_then(|s| s.downcast_ref::<OtherBaseUrl>()) {
-                    SetupError::new("journal", other.to_string())
-                } else {
-                    SetupError::new("journal", e.to_string())
-                },
-            )
+            // A job edited under its id: the jobs file is at fault, not the journal.
+            RunError::Setup(e.changed_jobs_refusal().unwrap_or_else(|| {
+                let source = std::error::Error::source(&e);
+                match source.and_then(|s| s.downcast_ref::<OtherBaseUrl>()) {
+                    Some(other) => SetupError::new("journal", other.to_string()),
+                    None => SetupError::new("journal", e.to_string()),
+                }
+            }))
         })?;
         let Some(plan) = plan else {
             // Stopped while the jobs were registered (nothing written), or while those an
