@@ -81,10 +81,10 @@ pub const MAX_PENDING_REPORTS: usize = 4096;
 /// - **State loss**: every process keeps a record of the slots it holds; when a script finds
 ///   Redis has lost its state (restart without persistence) or come back older (a restart from
 ///   a snapshot, a failover: another server's `run_id`, or a script number no greater than one
-///   seen before), the fleet registers its slots again during a [`grace`](Self::grace) in which
-///   no create is admitted; each process releases its own holdings that came back although it
-///   gave them up and reports again the ends it reported lately, and a task reported ended is
-///   not registered or held again.
+///   seen before), the fleet registers its slots again (with the task ids they are held
+///   under) during a [`grace`](Self::grace) in which no create is admitted; each process
+///   releases its own holdings that came back although it gave them up and reports again the
+///   ends it reported lately, and a task reported ended is not registered or held again.
 /// - **Unreachable Redis**: see [`WhenUnreachable`]; changes that could not be sent are kept
 ///   in order and replayed when Redis is back.
 /// - **Reservations** are checked: a give-back, `1303` or `1102` frees only the grant of the
@@ -2517,56 +2517,93 @@ impl Inner {
         }
         // 3. Prune what others released for us (a query of theirs, a lease), and note the
         // lease Redis has for the rest (a query of theirs renews it there).
+        if let Some(read) = self.read_holdings().await?
+            && !self.prune(read)
+        {
+            return Ok(());
+        }
+        // 4. The fleet's capacity of this process's pools, for their gauges.
+        self.show_capacities().await
+    }
+
+    /// The maintenance pass's read of this process's registered holdings in Redis (`ex`):
+    /// whether each is there, and the lease Redis has for it. `None` when it registered none.
+    async fn read_holdings(&self) -> Result<Option<HoldingsRead>, StoreError> {
         let registered: Vec<(String, String, (Instant, bool))> = lock(&self.registry)
             .iter()
             .filter(|(_, held)| held.registered)
             .map(|(h, held)| (held.pk.clone(), h.clone(), (held.since, held.task)))
             .collect();
-        if !registered.is_empty() {
-            let now_us = self.now_us().await?;
-            let read = Instant::now();
-            let [p, now, grace] = self.head(now_us);
-            let mut args = vec![p, now, grace, "ex".to_owned()];
-            for (pk, h, _) in &registered {
-                args.push(pk.clone());
-                args.push(h.clone());
-            }
-            let (items, lost) = self.run_noting_state(&self.apply, &args).await?;
-            // A loss noticed by this reply, or by any script meanwhile: the next pass
-            // registers the holdings again, and nothing is pruned.
-            if lost
-                || self.went_back.load(Ordering::Acquire) != i64::MIN
-                || self.needs_register.load(Ordering::Acquire)
-            {
-                return Ok(());
-            }
-            if let Some(Value::Array(flags)) = items.get(2) {
-                let untils = match items.get(3) {
-                    Some(Value::Array(untils)) => untils.as_slice(),
-                    _ => &[],
-                };
-                let mut registry = lock(&self.registry);
-                for (i, ((_, h, which), flag)) in registered.iter().zip(flags).enumerate() {
-                    if int(flag) == 0 {
+        if registered.is_empty() {
+            return Ok(None);
+        }
+        let now_us = self.now_us().await?;
+        let read = Instant::now();
+        let [p, now, grace] = self.head(now_us);
+        let mut args = vec![p, now, grace, "ex".to_owned()];
+        for (pk, h, _) in &registered {
+            args.push(pk.clone());
+            args.push(h.clone());
+        }
+        let (items, lost) = self.run_noting_state(&self.apply, &args).await?;
+        Ok(Some(HoldingsRead {
+            registered,
+            items,
+            lost,
+            read,
+            now_us,
+        }))
+    }
+
+    /// Drops from the record the holdings `read` found missing in Redis (another process's
+    /// report released them, or their lease ran out there), and notes the lease Redis has for
+    /// the rest. `false` when a loss of state was noticed since (by the read or any script
+    /// meanwhile): nothing is pruned, and the pass ends (the next registers the holdings
+    /// again).
+    fn prune(&self, read: HoldingsRead) -> bool {
+        let HoldingsRead {
+            registered,
+            items,
+            lost,
+            read,
+            now_us,
+        } = read;
+        if lost
+            || self.went_back.load(Ordering::Acquire) != i64::MIN
+            || self.needs_register.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        if let Some(Value::Array(flags)) = items.get(2) {
+            let untils = match items.get(3) {
+                Some(Value::Array(untils)) => untils.as_slice(),
+                _ => &[],
+            };
+            let mut registry = lock(&self.registry);
+            for (i, ((_, h, which), flag)) in registered.iter().zip(flags).enumerate() {
+                // Only the record read, not one a hold made since under the same id: Redis
+                // may have answered for the grant, the hold still on its way. Read missing
+                // (its lease ran out there), the grant is no more; the hold's script, run
+                // after the read, counts the task's slots anew, and its record stays.
+                let read_here = |held: &Held| (held.since, held.task) == *which;
+                if int(flag) == 0 {
+                    if registry.get(h).is_some_and(read_here) {
                         registry.remove(h);
-                        continue;
                     }
-                    let until = untils.get(i).map_or(-1, int);
-                    // The holding read (not one a hold made since under the same id: Redis
-                    // may have answered with the grant's lease, the hold still on its way).
-                    if until >= 0
-                        && let Some(held) = registry.get_mut(h)
-                        && (held.since, held.task) == *which
-                    {
-                        let until = self.conn.to_instant(until, read, now_us);
-                        held.in_redis = Some((read, until));
-                    }
+                    continue;
+                }
+                let until = untils.get(i).map_or(-1, int);
+                if until >= 0
+                    && let Some(held) = registry.get_mut(h)
+                    && read_here(held)
+                {
+                    let until = self.conn.to_instant(until, read, now_us);
+                    held.in_redis = Some((read, until));
                 }
             }
-            self.show_in_use();
         }
-        // 4. The fleet's capacity of this process's pools, for their gauges.
-        self.show_capacities().await
+        self.show_in_use();
+        true
     }
 
     /// After Redis lost its state (or went back): sends again the halts this process knows of,
@@ -3284,6 +3321,21 @@ fn queue_full(key: SlotKey, max: usize) -> AcquireError {
     AcquireError::QueueFull(QueueFull::new(key.account, key.pool, max))
 }
 
+/// A maintenance pass's read of this process's holdings in Redis ([`Inner::read_holdings`]),
+/// for [`Inner::prune`].
+struct HoldingsRead {
+    /// The holdings read: pool key, holding id, and which record of it (its `since` and
+    /// whether it was a task).
+    registered: Vec<(String, String, (Instant, bool))>,
+    /// The `ex` reply.
+    items: Vec<Value>,
+    /// Whether the reply told of a new generation.
+    lost: bool,
+    /// When it was read, here and in fleet time (µs).
+    read: Instant,
+    now_us: i64,
+}
+
 /// An `APPLY` reply ([`Inner::apply_args`]).
 struct Reply {
     changed: bool,
@@ -3312,6 +3364,9 @@ struct FinishedTask {
     status: String,
     held_for: Duration,
     ran_out: Option<RanOut>,
+    /// Whether it is counted; else only warned of: a grant whose lease ran out is no task
+    /// that ended (should its create be answered, its hold counts the task anew).
+    counted: bool,
 }
 
 /// A task whose lease ran out, as its warning names it.
@@ -3336,6 +3391,9 @@ impl Finished {
         each_completing(self.0.into_iter(), |task| {
             if let Some(ran_out) = &task.ran_out {
                 warn_lease_ran_out(ran_out, &task.pool, task.held_for);
+            }
+            if !task.counted {
+                return;
             }
             let labels = [
                 (
@@ -3418,7 +3476,7 @@ fn released_by(
         let reason = text_in(&chunk[5]);
         // `=`: not to be counted: its end was counted already (by the release its report made
         // before Redis lost its state), or no task ended (a lookup found its create never
-        // happened).
+        // happened; a grant's lease ran out, `=expired`, warned of all the same).
         let (counted_before, reason) = match reason.strip_prefix('=') {
             Some(reason) => (true, reason),
             None => (false, &*reason),
@@ -3431,7 +3489,8 @@ fn released_by(
         };
         let holding = text(&chunk[6]);
         let held_for = Duration::from_micros(now_us.saturating_sub(since).max(0) as u64);
-        if count && !counted_before {
+        let counted = count && !counted_before;
+        if counted || (count && ran_out.is_some()) {
             let ran_out = ran_out.map(|(task_id, external_id)| RanOut {
                 account: account.clone(),
                 task_id: task_id.map(str::to_owned),
@@ -3444,6 +3503,7 @@ fn released_by(
                 status: reason.as_str().to_owned(),
                 held_for,
                 ran_out,
+                counted,
             });
         }
         released.push(Released {
@@ -4585,5 +4645,78 @@ mod tests {
         let ops = queued(&inner);
         assert!(!ops.iter().any(|(_, op)| op.starts_with("reg")), "{ops:?}");
         assert_eq!(slots.held_here(), 0);
+    }
+
+    /// A create's hold on its way while the maintenance pass reads its grant missing in Redis
+    /// (the grant's lease ran out there, the create slower than it: the hold's script runs
+    /// after the read, and counts the task's slots anew) keeps its task on the owner's
+    /// record: the pass prunes only the records it read. Before, it dropped the task's: the
+    /// owner forgot a task Redis counted, and after Redis lost its state registered nothing
+    /// for it, the task running on no slot. The control: a grant read missing with no hold
+    /// since is pruned.
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn a_hold_on_its_way_as_the_pass_reads_its_grant_missing_keeps_its_task() {
+        let Some(mut server) =
+            crate::testing::RedisServer::start_or_skip().expect("CI=true requires a redis-server")
+        else {
+            return;
+        };
+        let conn = Connection::connect(crate::RedisConfig::new(server.url()).prefix("unit"))
+            .await
+            .unwrap();
+        let lease = Duration::from_millis(300);
+        let slots = RedisSlots::new(conn, SlotsConfig::new(2).lease(lease))
+            .unwrap()
+            .grace(Duration::from_millis(50));
+        slots.hold_maintenance(true);
+        let key = SlotKey::new(
+            AccountId::new("acct"),
+            Pool::new(kling_core::Product::Video),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let slow = slots.acquire(key.clone(), 1).await.unwrap();
+        let left = slots.acquire(key.clone(), 1).await.unwrap();
+        let in_use = async || {
+            let snapshot = slots.snapshot().await.unwrap();
+            snapshot.iter().map(|pool| pool.in_use).sum::<u32>()
+        };
+        // Both creates outlast the grant's lease: Redis releases the grants (here at a
+        // snapshot; in a fleet at any process's ask or snapshot).
+        tokio::time::sleep(lease + Duration::from_millis(100)).await;
+        assert_eq!(in_use().await, 0, "the grants' leases ran out");
+        let inner = &slots.inner;
+        // The pass reads both grants missing...
+        let read = inner.read_holdings().await.unwrap().expect("two grants");
+        // ... and the slow create's answer comes: its hold runs in Redis after that read.
+        let hold = SlotOp::Hold {
+            reservation: slow.clone(),
+            task: TaskRef {
+                id: Some("t1".to_owned()),
+                external_id: None,
+            },
+            lease: Duration::from_secs(60),
+        };
+        slots.apply(hold).await.unwrap();
+        assert_eq!(in_use().await, 1, "the hold counts the task anew");
+        assert!(inner.prune(read));
+        let t1 = inner.holding(slow.token);
+        assert!(
+            lock(&inner.registry).get(&t1).is_some_and(|held| held.task),
+            "t1 kept on record"
+        );
+        assert!(
+            !lock(&inner.registry).contains_key(&inner.holding(left.token)),
+            "the grant with no hold is pruned"
+        );
+        assert_eq!(slots.held_here(), 1);
+        // Redis loses its state: the owner registers t1 again.
+        server.restart().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while slots.maintain().await.is_err() || slots.maintain().await.is_err() {
+            assert!(Instant::now() < deadline, "redis back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(in_use().await, 1, "t1 holds its slot");
     }
 }

@@ -223,10 +223,15 @@ local function maintain(pk, interval)
     if raw then
       -- For the process's warning (the task may still run): `expired:EXT` names the external
       -- id beside the task id in the task field, `expired?` a task field that is the external
-      -- id (the create's answer never came).
+      -- id (the create's answer never came). A grant (`=expired`) is no task that ended: its
+      -- create was never answered in time (its process stopped, or the create outlasted the
+      -- lease), and, should it be answered, its hold counts the task anew, counted at its
+      -- end. Warned of, not counted.
       local rec = cjson.decode(raw)
       local why = 'expired'
-      if rec.id and rec.ext then why = 'expired:' .. rec.ext elseif rec.ext then why = 'expired?' end
+      if rec.k == 'g' then why = '=expired'
+      elseif rec.id and rec.ext then why = 'expired:' .. rec.ext
+      elseif rec.ext then why = 'expired?' end
       release(pk, h, rec, why)
     else
       redis.call('ZREM', pk .. ':l', h)
@@ -682,6 +687,21 @@ elseif op == 'hold' or op == 'reg' then
     local ends = now + lease
     local was = redis.call('ZSCORE', l, h)
     if not was or tonumber(was) < ends then redis.call('ZADD', l, int(ends), h) end
+    -- The copy may be older than the hold (a snapshot taken between the grant and it: a
+    -- grant, with no task id) or than a report that taught it the task id: it takes the task
+    -- and the ids the owner holds it under, so an end reported by either, in any process,
+    -- finds it.
+    local rec = cjson.decode(raw)
+    local learnt = false
+    if ARGV[13] == 't' and rec.k ~= 't' then rec.k = 't'; learnt = true end
+    if id and not rec.id then rec.id = id; learnt = true end
+    if ext and not rec.ext then rec.ext = ext; learnt = true end
+    if path and not rec.p then rec.p = path; learnt = true end
+    if ARGV[15] == '1' and not rec.a then rec.a = true; learnt = true end
+    if learnt then
+      redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
+      map_ids(pk, h, rec.id, rec.ext, ARGV[11])
+    end
   elseif not raw then
     local kind = 't'
     local adopted = nil

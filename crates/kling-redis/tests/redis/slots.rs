@@ -1154,6 +1154,69 @@ async fn every_task_that_ends_is_counted_once_in_the_fleet() {
     }
 }
 
+/// The finished-task counts of the fleet, by status.
+fn finished_by_status(recording: &Recording) -> HashMap<String, u64> {
+    use kling_core::metrics::{LABEL_STATUS, TASKS_FINISHED};
+    use metrics_util::debugging::DebugValue;
+
+    let mut finished: HashMap<String, u64> = HashMap::new();
+    for (key, _, _, value) in recording.snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        if let DebugValue::Counter(n) = value
+            && key.name() == TASKS_FINISHED
+        {
+            let status = key.labels().find(|l| l.key() == LABEL_STATUS);
+            let status = status.map(|l| l.value().to_owned()).unwrap_or_default();
+            *finished.entry(status).or_default() += n;
+        }
+    }
+    finished
+}
+
+/// A grant whose lease runs out before its create is answered (a create slower than the
+/// lease) is no finished task: Redis releases it (warned of, as every lease that runs out),
+/// the create's hold then counts the task's slots anew, and the task is counted once, at its
+/// end. Before, the grant's release counted an `expired` task too: one task counted twice.
+/// The control: a task whose lease runs out is counted `expired`, once.
+#[tokio::test]
+async fn a_grant_whose_lease_ran_out_before_its_hold_counts_its_task_once() {
+    let Some(server) = redis() else { return };
+    let recording = recording();
+    let (logs, _capture) = crate::support::capture_logs();
+    let short = Duration::from_millis(300);
+    let one = RedisSlots::new(connect(&server).await, SlotsConfig::new(3).lease(short))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .grace(Duration::from_millis(300));
+    kling_redis::testing::hold_maintenance(&one, true);
+    let two = backend(&server, 3).await;
+    let slow = one.acquire(video(), 1).await.unwrap();
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    assert_eq!(in_use(&two).await, 0, "the grant's lease ran out");
+    one.apply(hold(slow, "t1", LONG)).await.unwrap();
+    assert_eq!(in_use(&two).await, 1, "its hold counts the task anew");
+    let done = two
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(done.released.len(), 1);
+    // The control: a task whose lease runs out.
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t2", short)).await.unwrap();
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    assert_eq!(in_use(&two).await, 0, "t2's lease ran out");
+    let expected: HashMap<String, u64> =
+        HashMap::from([("succeeded".to_owned(), 1), ("expired".to_owned(), 1)]);
+    assert_eq!(finished_by_status(&recording), expected);
+    let warnings = logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains("end of its lease"))
+        .count();
+    assert_eq!(warnings, 2, "the grant's and t2's leases are warned of");
+}
+
 /// Each process's `kling_slots_in_use` shows the slots it holds, so the processes' gauges add
 /// up to the fleet's use; a holding another process released leaves at its next maintenance.
 #[tokio::test]
@@ -2161,6 +2224,73 @@ async fn a_task_renewed_after_the_snapshot_keeps_its_slot_when_redis_comes_back_
         .unwrap();
     assert_eq!(done.released.len(), 1, "t1 was held");
     assert_eq!(in_use(&two).await, 0);
+}
+
+/// A Redis restored from a snapshot taken between a create's grant and its hold brings the
+/// holding back as a grant, with no task id: the owner's registration gives it back the task
+/// id (and external id) the owner holds it under, so an end reported by task id in another
+/// process finds it and frees the slot. Before, the registration renewed the grant's lease
+/// only: the end found nothing, and the slot stayed counted until the lease ran out (30 min
+/// by default), the fleet a create short. The control: the pool, full with the task, makes
+/// another create wait until that end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_held_after_the_snapshot_is_found_by_its_ids_when_redis_comes_back_older() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 1).await;
+    let two = backend(&server, 1).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    // The snapshot holds the grant.
+    server.save().unwrap();
+    let task = TaskRef {
+        id: Some("t1".to_owned()),
+        external_id: Some("job-1".to_owned()),
+    };
+    one.apply(SlotOp::Hold {
+        reservation: r,
+        task,
+        lease: LONG,
+    })
+    .await
+    .unwrap();
+    server.restart_from_snapshot().unwrap();
+    maintained(&one).await;
+    maintained(&two).await;
+    maintained(&one).await;
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 1, "t1 kept on record");
+    assert_eq!(in_use(&two).await, 1, "t1 holds its slot");
+    let past = tokio::time::timeout(Duration::from_millis(300), two.acquire(video(), 1)).await;
+    assert!(past.is_err(), "a create past the limit");
+    let done = two
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(done.released.len(), 1, "t1's end found its holding");
+    assert_eq!(in_use(&two).await, 0, "t1's slot is free");
+    // By its external id too: a second task, held after another snapshot, ended by a lookup
+    // that names its external id alone.
+    let r = one.acquire(video(), 1).await.unwrap();
+    server.save().unwrap();
+    let task = TaskRef {
+        id: None,
+        external_id: Some("job-2".to_owned()),
+    };
+    one.apply(SlotOp::Hold {
+        reservation: r,
+        task,
+        lease: LONG,
+    })
+    .await
+    .unwrap();
+    server.restart_from_snapshot().unwrap();
+    maintained(&one).await;
+    maintained(&two).await;
+    maintained(&one).await;
+    maintained(&one).await;
+    assert_eq!(in_use(&two).await, 1, "job-2 holds its slot");
+    let done = two.apply(absent("job-2")).await.unwrap();
+    assert_eq!(done.released.len(), 1, "job-2's lookup found its holding");
+    assert_eq!(in_use(&two).await, 0, "job-2's slot is free");
 }
 
 /// Fleet time runs on the monotonic clock from the last measurement of the server's: a
