@@ -46,12 +46,14 @@
 //! id the guard never saw (dropped by its caller while a retry layer below had it out). Ids
 //! are not kept for ever: memory stays bounded.
 //!
-//! Nor does an id's length count: an external id longer than 256 bytes (KLING_API.md states no
-//! limit; a generated `kr-…` id is 35 bytes) is kept as its SHA-256 digest, in 51 bytes, and
-//! matched as exactly as the id itself (barring a SHA-256 collision). A false match could give
-//! one create's estimate to another's task and leave that one uncharged; forgetting a long id
-//! would keep its create's estimate where a lookup reports the cost, and charge a resend
-//! answered with that task again.
+//! Nor does an id's length count: an external id or a task id longer than 256 bytes
+//! (KLING_API.md states no limit for either; a generated `kr-…` id is 35 bytes, and a server, a
+//! proxy or the mock told to may answer with a task id of any length) is kept as its SHA-256
+//! digest, in 51 bytes, and matched as exactly as the id itself (barring a SHA-256 collision).
+//! A false match could give one create's estimate to another's task and leave that one
+//! uncharged, or take a new task for one charged already; forgetting a long id would keep its
+//! create's estimate where a lookup reports the cost, and charge a resend answered with that
+//! task again.
 //!
 //! Nor are accounts kept for ever. An account with nothing left to remember is forgotten: no
 //! create out, and its period over, or holding no charge, no task awaiting a cost and no create
@@ -275,9 +277,11 @@ struct Account {
     /// the guard, or sent and not answered): carried into the next period when one starts, as
     /// their tasks, if any, are made then.
     open: Nanos,
-    /// Task id → the estimate it was charged, until its real cost is known.
+    /// Task id ([as kept](kept_id)) → the estimate it was charged, until its real cost is
+    /// known.
     tasks: HashMap<String, Nanos>,
-    /// Tasks charged and no longer in `tasks`: a create answered with one made no new task.
+    /// Tasks charged and no longer in `tasks` (by task id, [as kept](kept_id)): a create
+    /// answered with one made no new task.
     charged: ChargedTasks,
     /// Creates of this period kept with an unknown outcome, by external id: the task one made,
     /// when it turns up, is charged its estimate.
@@ -305,29 +309,31 @@ impl Account {
     }
 }
 
-/// The longest external id the ledger keeps as it is, in bytes. KLING_API.md states no limit
-/// (a generated `kr-…` id is 35 bytes, a UUID 36): this one is generous, and a longer id is
-/// kept as its digest ([`kept_id`]), so what an account's ledger holds no longer grows with
-/// what its callers send.
-const EXTERNAL_ID_KEPT_BYTES: usize = 256;
+/// The longest external id or task id the ledger keeps as it is, in bytes. KLING_API.md
+/// states no limit (a generated `kr-…` id is 35 bytes, a UUID 36): this one is generous, and
+/// a longer id is kept as its digest ([`kept_id`]), so what an account's ledger holds no
+/// longer grows with what its callers send or its server answers.
+const ID_KEPT_BYTES: usize = 256;
 
-/// What starts an external id kept as its digest. An id the caller sends starting so is
-/// digested too, whatever its length: no id kept as it is can equal a digest.
+/// What starts an id kept as its digest. An id the caller sends (or the server answers)
+/// starting so is digested too, whatever its length: no id kept as it is can equal a digest.
 const DIGESTED: &str = "\0sha256:";
 
-/// An external id as the ledger keeps it: as it is, or, longer than
-/// [`EXTERNAL_ID_KEPT_BYTES`] (or starting with [`DIGESTED`]), as [`DIGESTED`] and its SHA-256
-/// digest (51 bytes). Two ids are kept alike only when they are equal (barring a SHA-256
-/// collision), so matching stays exact: a report names an unknown create's task only with that
-/// create's own id. A false match could hand one create's estimate to another's task and
-/// leave that one's task uncharged; a short or weak hash, or the id's first bytes, would allow
-/// one. Not remembering a long id, as a create without one, would err towards counting more
-/// too, but keep its estimate where a lookup reports the cost, and charge a resend answered
-/// with that task again.
+/// An external id or a task id as the ledger keeps it: as it is, or, longer than
+/// [`ID_KEPT_BYTES`] (or starting with [`DIGESTED`]), as [`DIGESTED`] and its SHA-256 digest
+/// (51 bytes). Two ids are kept alike only when they are equal (barring a SHA-256 collision),
+/// so matching stays exact: a report names an unknown create's task only with that create's
+/// own id, and a task is charged once only by its own id. A false match could hand one
+/// create's estimate to another's task and leave that one's task uncharged, or take a new task
+/// for one charged already; a short or weak hash, or the id's first bytes, would allow one.
+/// Not remembering a long id, as a create without one, would err towards counting more too,
+/// but keep its estimate where a lookup reports the cost, and charge a resend answered with
+/// that task again. External ids and task ids are kept apart: a task id never matches an
+/// external id, kept alike or not.
 ///
-/// Every external id enters the ledger so: the caller's once, as its create is recognised
+/// Every id enters the ledger so: the caller's external id once, as its create is recognised
 /// (a long one is hashed once a create), one a retry layer names as its create is settled, one
-/// a report echoes as it is matched.
+/// a report echoes as it is matched; a task id as its create's answer or a report names it.
 pub(crate) fn kept_id(id: &str) -> Cow<'_, str> {
     if digested(id) {
         Cow::Owned(digest(id))
@@ -338,7 +344,7 @@ pub(crate) fn kept_id(id: &str) -> Cow<'_, str> {
 
 /// Whether the ledger keeps `id` as its digest ([`kept_id`]).
 fn digested(id: &str) -> bool {
-    id.len() > EXTERNAL_ID_KEPT_BYTES || id.starts_with(DIGESTED)
+    id.len() > ID_KEPT_BYTES || id.starts_with(DIGESTED)
 }
 
 /// `id` kept as its digest ([`kept_id`]).
@@ -390,9 +396,9 @@ impl IdCounts {
     }
 }
 
-/// The ids of the latest [`CHARGED_TASKS_KEPT`] tasks an account was charged for and no longer
-/// awaits a cost of (cost reported, or charged to a period that has ended), oldest forgotten
-/// first.
+/// The ids ([as kept](kept_id)) of the latest [`CHARGED_TASKS_KEPT`] tasks an account was
+/// charged for and no longer awaits a cost of (cost reported, or charged to a period that has
+/// ended), oldest forgotten first.
 #[derive(Debug, Default)]
 struct ChargedTasks {
     order: VecDeque<String>,
@@ -713,10 +719,11 @@ impl Ledger {
         let account = self.account(&mut accounts, key, Instant::now());
         account.open = account.open.saturating_sub(estimate);
         account.settled(sent_id);
-        if account.tasks.contains_key(&report.id) || account.charged.contains(&report.id) {
+        let task = kept_id(&report.id);
+        if account.tasks.contains_key(&*task) || account.charged.contains(&task) {
             account.committed = account.committed.saturating_sub(estimate);
         } else {
-            account.tasks.insert(report.id.clone(), estimate);
+            account.tasks.insert(task.into_owned(), estimate);
             self.awaited.fetch_add(1, Ordering::Relaxed);
         }
         self.apply(account, report);
@@ -753,7 +760,8 @@ impl Ledger {
         let Some(external_id) = report.external_id.as_deref() else {
             return;
         };
-        if account.tasks.contains_key(&report.id) || account.charged.contains(&report.id) {
+        let task = kept_id(&report.id);
+        if account.tasks.contains_key(&*task) || account.charged.contains(&task) {
             return;
         }
         let external_id = kept_id(external_id);
@@ -761,7 +769,7 @@ impl Ledger {
             return;
         }
         if let Some(kept) = account.unknown.take(&external_id) {
-            account.tasks.insert(report.id.clone(), kept);
+            account.tasks.insert(task.into_owned(), kept);
         }
     }
 
@@ -779,7 +787,7 @@ impl Ledger {
         else {
             return;
         };
-        let Some((id, estimate)) = account.tasks.remove_entry(&report.id) else {
+        let Some((id, estimate)) = account.tasks.remove_entry(&*kept_id(&report.id)) else {
             return;
         };
         self.awaited.fetch_sub(1, Ordering::Relaxed);

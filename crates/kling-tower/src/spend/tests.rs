@@ -1,5 +1,6 @@
 //! The ledger's memory bounds: accounts with nothing to remember are forgotten, long external
-//! ids are kept as digests. Unit tests, as what they look at (the ledger's entries) is private.
+//! ids and task ids are kept as digests. Unit tests, as what they look at (the ledger's
+//! entries) is private.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,7 +39,8 @@ fn create(
 }
 
 /// A client answering a create by its prompt: `refuse` with `1303` (no task made), `lose`
-/// with `5000` (its outcome unknown), anything else with a new task `t<n>`.
+/// with `5000` (its outcome unknown), `task:<id>` with task `<id>` (a server, or a proxy, that
+/// names its tasks as it likes), anything else with a new task `t<n>`.
 fn client()
 -> impl Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = BoxError> + Clone {
     let made = Arc::new(AtomicUsize::new(0));
@@ -56,6 +58,16 @@ fn client()
                 Some("lose") => (
                     500,
                     r#"{"code":5000,"message":"internal error","request_id":"r"}"#.to_owned(),
+                ),
+                Some(prompt) if prompt.starts_with("task:") => (
+                    200,
+                    serde_json::json!({
+                        "code": 0,
+                        "message": "ok",
+                        "request_id": "r",
+                        "data": { "task_id": &prompt[5..], "task_status": "submitted" },
+                    })
+                    .to_string(),
                 ),
                 _ => {
                     let n = made.fetch_add(1, Ordering::Relaxed);
@@ -134,6 +146,21 @@ fn external_id_bytes(guard: &SpendGuardLayer) -> usize {
             let counted: usize = account.unknown.counts.0.keys().map(String::len).sum();
             let kept: usize = account.unknown.order.iter().map(|(id, _)| id.len()).sum();
             sending + counted + kept
+        })
+        .sum()
+}
+
+/// The bytes of task ids the ledger holds (tasks awaiting their cost, tasks charged).
+fn task_id_bytes(guard: &SpendGuardLayer) -> usize {
+    let accounts = guard.ledger.lock();
+    accounts
+        .map
+        .values()
+        .map(|account| {
+            let awaited: usize = account.tasks.keys().map(String::len).sum();
+            let ordered: usize = account.charged.order.iter().map(String::len).sum();
+            let charged: usize = account.charged.ids.iter().map(String::len).sum();
+            awaited + ordered + charged
         })
         .sum()
 }
@@ -250,19 +277,15 @@ async fn a_long_external_id_is_kept_in_a_few_bytes() {
 async fn long_external_ids_match_only_themselves() {
     let guard = SpendGuardLayer::new(100.0, CostTable::new().video(3.0)).unwrap();
     let mut service = guard.layer(client());
-    let long = "y".repeat(EXTERNAL_ID_KEPT_BYTES + 1);
-    let same_start = format!("{}z", &long[..EXTERNAL_ID_KEPT_BYTES]);
+    let long = "y".repeat(ID_KEPT_BYTES + 1);
+    let same_start = format!("{}z", &long[..ID_KEPT_BYTES]);
     let posing = digest(&long);
-    assert!(posing.len() <= EXTERNAL_ID_KEPT_BYTES);
+    assert!(posing.len() <= ID_KEPT_BYTES);
     let (a, b) = (AccountId::new("a"), AccountId::new("b"));
     send(&mut service, create("a", false, "lose", Some(&long))).await;
     send(&mut service, create("b", false, "lose", Some(&posing))).await;
 
-    let others = [
-        same_start.as_str(),
-        &long[..EXTERNAL_ID_KEPT_BYTES],
-        &posing,
-    ];
+    let others = [same_start.as_str(), &long[..ID_KEPT_BYTES], &posing];
     for (n, other) in others.into_iter().enumerate() {
         guard.report(Some(&a), &finished(&format!("a{n}"), other, 1.0));
     }
@@ -319,7 +342,7 @@ async fn through_the_stack_a_long_id_named_by_the_retry_layer_finds_its_task() {
     let service = kling.layer(client);
     let guard = kling.spend_guard().unwrap().clone();
     let account = Some(kling.account_id());
-    let long = "z".repeat(EXTERNAL_ID_KEPT_BYTES + 44);
+    let long = "z".repeat(ID_KEPT_BYTES + 44);
 
     let mut create = create("ignored", false, "lose", Some(&long));
     create.extensions_mut().clear();
@@ -334,5 +357,67 @@ async fn through_the_stack_a_long_id_named_by_the_retry_layer_finds_its_task() {
         guard.committed(account),
         0.5,
         "the task's cost replaces the estimate"
+    );
+}
+
+/// A server's task id is stored however long it is, as an external id was: a server (or a
+/// proxy, or the mock told to) answering with a megabyte-long one made the ledger keep it
+/// whole while its cost was awaited, and again once charged. Kept as a digest, it still names
+/// its task exactly: a resend answered with it is charged once, a report of it replaces the
+/// estimate, and an id sharing its first bytes is another task.
+#[tokio::test(start_paused = true)]
+async fn a_long_task_id_is_kept_in_a_few_bytes_and_matches_only_itself() {
+    let guard = SpendGuardLayer::new(100.0, CostTable::new().video(3.0)).unwrap();
+    let mut service = guard.layer(client());
+    let account = AccountId::new("a");
+    let long = "T".repeat(1 << 20);
+    let same_start = format!("{}U", &long[..ID_KEPT_BYTES]);
+    let answered = |id: &str| create("a", false, &format!("task:{id}"), None);
+
+    let task = send(&mut service, answered(&long)).await;
+    assert_eq!(task.as_deref(), Some(long.as_str()));
+    let awaited = task_id_bytes(&guard);
+    assert!(awaited <= 64, "{awaited} bytes while its cost is awaited");
+    assert_eq!(guard.committed(Some(&account)), 3.0);
+    // The same task again (a resend Kling answered with it): charged once.
+    send(&mut service, answered(&long)).await;
+    assert_eq!(
+        guard.committed(Some(&account)),
+        3.0,
+        "one task, charged once"
+    );
+
+    // A report of another task sharing its first bytes changes nothing.
+    guard.report(Some(&account), &finished(&same_start, "", 1.0));
+    assert_eq!(guard.committed(Some(&account)), 3.0, "another task");
+    guard.report(Some(&account), &finished(&long, "", 1.0));
+    assert_eq!(
+        guard.committed(Some(&account)),
+        1.0,
+        "its cost replaces the estimate"
+    );
+    let charged = task_id_bytes(&guard);
+    assert!(charged <= 2 * 64, "{charged} bytes once charged");
+    // Charged already: a create answered with it owes nothing.
+    send(&mut service, answered(&long)).await;
+    assert_eq!(guard.committed(Some(&account)), 1.0, "still charged once");
+
+    // The task of a create of unknown outcome, turned up by its external id with a long task
+    // id, is kept as short.
+    send(&mut service, create("a", false, "lose", Some("lost-1"))).await;
+    let turned_up = "V".repeat(1 << 20);
+    let mut running = finished(&turned_up, "lost-1", 1.0);
+    running.status = kling_core::TaskStatus::Processing;
+    guard.report(Some(&account), &running);
+    let kept = task_id_bytes(&guard);
+    assert!(
+        kept <= 3 * 64,
+        "{kept} bytes with the unknown create's task"
+    );
+    guard.report(Some(&account), &finished(&turned_up, "lost-1", 2.0));
+    assert_eq!(
+        guard.committed(Some(&account)),
+        3.0,
+        "its cost replaces the estimate"
     );
 }
