@@ -272,28 +272,55 @@ impl Switches {
 ///
 /// They are drawn in turn (drop, malformed, 5xx, slow, lost answer), each among the requests
 /// no earlier one took: with several on, a later one's share of all requests is its rate times
-/// the share the earlier ones left.
+/// the share the earlier ones left. The ghost create is drawn apart, for each create that made
+/// its task.
+///
+/// Whether the request was carried out (for a create: whether its task was made, billed) is
+/// what a client cannot tell from what it gets, and must not guess kindly (DESIGN.md fact 6):
+///
+/// | fault | the request | the client gets |
+/// |---|---|---|
+/// | [`drop_rate`](Faults::drop_rate) | lost on its way: not carried out, no task | the connection closed, no response |
+/// | [`fault_rate`](Faults::fault_rate) | not carried out, no task | 5000 / 5001 / 5002 (HTTP 500 / 503 / 504) |
+/// | [`ghost_create_rate`](Faults::ghost_create_rate) | a create carried out: its task made | 5000 / 5002 (HTTP 500 / 504) |
+/// | [`slow_rate`](Faults::slow_rate) | carried out on arrival: a create's task made | its answer, after [`slow_delay`](Faults::slow_delay) (or nothing, if it gave up first: the task stays) |
+/// | [`malformed_rate`](Faults::malformed_rate) | carried out: a create's task made unless refused | its answer's status and headers, the body cut in half (not JSON) |
+/// | [`lost_answer_rate`](Faults::lost_answer_rate) | carried out: a create's task made unless refused | the connection closed, no response |
+///
+/// Kling says a 5000 or 5002 create "may have happened": `fault_rate` is the case where it did
+/// not, `ghost_create_rate` the case where it did. A slow, garbled or lost answer to a create
+/// that was refused (no slot, a bad key) carries that refusal: nothing was made.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct Faults {
-    /// Share of requests answered 5000/5001/5002 (HTTP 500/503/504) without doing anything.
+    /// Share of requests answered 5000/5001/5002 (HTTP 500/503/504) without doing anything: a
+    /// create makes no task (see [`Faults::ghost_create_rate`] for the 5xx whose task was made).
     pub fault_rate: f64,
     /// Share of successful creates answered 5000 or 5002 (HTTP 500 / 504, in turn by task)
     /// although the task *was* created and billed.
     pub ghost_create_rate: f64,
     /// Share of requests whose connection is dropped without a response, before the server
-    /// does anything with them (the request was lost on its way).
+    /// does anything with them (the request was lost on its way): a create makes no task.
     pub drop_rate: f64,
     /// Share of requests whose answer is lost on its way back: the server handles the request
     /// (a create makes its task, billed; a refusal, early or not, refuses), then drops the
     /// connection without a response, as a timeout or a reset after sending leaves a real
     /// client.
     pub lost_answer_rate: f64,
-    /// Share of requests answered only after [`Faults::slow_delay`].
+    /// Share of requests whose answer is sent only [`Faults::slow_delay`] after they arrived.
+    /// The request is carried out when it arrives (the rate and slot checks, a create's task
+    /// made and billed, its callbacks begun); only the answer waits, and a client that gives up
+    /// first (a timeout, a closed connection) leaves the task made. The answer is counted in
+    /// [`Stats::responses_by_code`](crate::Stats::responses_by_code) when it is sent, not at
+    /// all if the client has gone.
     pub slow_rate: f64,
     /// How long a slow response waits (API time, divided by speed).
     pub slow_delay: Duration,
-    /// Share of requests answered HTTP 200 with a body that is not JSON.
+    /// Share of requests whose answer arrives garbled: the request is carried out (a create
+    /// that succeeds makes its task, billed) and its answer keeps its HTTP status and headers,
+    /// its body cut to its first half, so not JSON: HTTP 200 for a create that made its task,
+    /// the refusal's status (429, 401, ...) for one refused. Counted in
+    /// [`Stats::malformed_responses`](crate::Stats::malformed_responses), not by its code.
     pub malformed_rate: f64,
 }
 
@@ -725,7 +752,8 @@ impl MockConfig {
         self.faults = faults;
         self
     }
-    /// Share of requests answered 5000/5001/5002.
+    /// Share of requests answered 5000/5001/5002 without being carried out (a create makes no
+    /// task).
     pub fn fault_rate(mut self, rate: f64) -> Self {
         self.faults.fault_rate = rate;
         self
@@ -735,7 +763,8 @@ impl MockConfig {
         self.faults.ghost_create_rate = rate;
         self
     }
-    /// Share of requests whose connection is dropped before they are carried out.
+    /// Share of requests whose connection is dropped before they are carried out (a create
+    /// makes no task).
     pub fn drop_rate(mut self, rate: f64) -> Self {
         self.faults.drop_rate = rate;
         self
@@ -746,13 +775,15 @@ impl MockConfig {
         self.faults.lost_answer_rate = rate;
         self
     }
-    /// Share of requests answered after `delay` (API time).
+    /// Share of requests answered after `delay` (API time), carried out when they arrive (a
+    /// create makes its task then, however long the client waits for the answer).
     pub fn slow(mut self, rate: f64, delay: Duration) -> Self {
         self.faults.slow_rate = rate;
         self.faults.slow_delay = delay;
         self
     }
-    /// Share of requests answered with a non-JSON body.
+    /// Share of requests carried out (a create that succeeds makes its task) whose answer keeps
+    /// its status and has its body garbled (cut in half, not JSON).
     pub fn malformed_rate(mut self, rate: f64) -> Self {
         self.faults.malformed_rate = rate;
         self

@@ -1,11 +1,13 @@
-//! Fault injection: one seeded draw per request decides whether it is dropped, slowed, garbled or
-//! answered with a 5xx.
+//! Fault injection: one seeded draw per request decides whether it is dropped, answered with a
+//! 5xx, or has its answer slowed, garbled or lost.
 
 use std::time::Duration;
 
 use crate::state::State;
 
-/// What the fault injector does to one request.
+/// What the fault injector does to one request. Only `Drop` and `ServerError` keep the request
+/// from being carried out; the others act on its answer, the request (a create's task made and
+/// billed, or its refusal) having had its effect when it arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fault {
     /// Answer normally.
@@ -14,9 +16,11 @@ pub(crate) enum Fault {
     Drop,
     /// Carry the request out, then close the connection without a response.
     LostAnswer,
-    /// Sleep this long (already divided by speed), then answer normally.
+    /// Carry the request out on arrival; send its answer this long after (already divided by
+    /// speed).
     Slow(Duration),
-    /// HTTP 200 with a body that is not JSON.
+    /// Carry the request out; send its answer's status and headers with the body cut in half
+    /// (not JSON).
     Malformed,
     /// 5000, 5001 or 5002 with its HTTP status; nothing else happens.
     ServerError(u32),

@@ -55,6 +55,16 @@ pub(crate) enum Body {
     TooLarge,
 }
 
+/// A request carried out: its fault, and the answer it got.
+#[derive(Debug)]
+struct Carried {
+    fault: Fault,
+    resp: Response<Full<Bytes>>,
+    /// The answer's code when the fault held it back from being counted by it
+    /// ([`State::holding_answer`]).
+    code: Option<u32>,
+}
+
 /// The future returned by [`MockKling`]'s `call`.
 pub type ResponseFuture =
     Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, MockError>> + Send + 'static>>;
@@ -226,44 +236,72 @@ impl MockKling {
             Body::Read(body) => Some(body),
             Body::TooLarge => None,
         };
-        let fault = {
-            let mut state = self.shared.lock();
-            state.stats.requests_total += 1;
-            // Only ever set under one lock (below); cleared here too, so that a panic there
-            // cannot leave later answers uncounted.
-            state.losing_answer = false;
-            let fault = state.draw_fault();
-            match fault {
-                Fault::Drop => {
-                    state.stats.connections_dropped += 1;
-                    return Err(MockError::dropped());
+        // Carried out now, whatever the fault does to the answer: a client that goes away
+        // before it (a timeout; hyper drops this future when the socket closes) undoes nothing.
+        let Carried { fault, resp, code } = self.carry_out(&parts, &path, body.as_ref())?;
+        match fault {
+            Fault::LostAnswer => Err(MockError::dropped()),
+            Fault::Malformed => Ok(garble(resp).await),
+            Fault::Slow(delay) => {
+                // Only the answer waits; it is counted by its code when it goes out, and not
+                // at all if the client has gone away by then (this future is dropped).
+                tokio::time::sleep(delay).await;
+                if let Some(code) = code {
+                    self.shared.lock().count_sent(code);
                 }
-                Fault::Malformed => return Ok(state.malformed(Instant::now())),
-                Fault::ServerError(code) => {
-                    let msg = match code {
-                        5001 => "service temporarily unavailable",
-                        5002 => "internal timeout",
-                        _ => "internal error",
-                    };
-                    return Ok(state.error(code, msg, Instant::now(), None));
-                }
-                f => f,
+                Ok(resp)
             }
-        };
-        if let Fault::Slow(delay) = fault {
-            tokio::time::sleep(delay).await;
+            Fault::None | Fault::Drop | Fault::ServerError(_) => Ok(resp),
+        }
+    }
+
+    /// Draws the fault of one request and carries the request out, under one lock, as it
+    /// arrives: whatever the fault then does to the answer (loses it, garbles it, sends it
+    /// late), the request has had its effect, as on a real server. `Err`: the drop fault (the
+    /// request lost on its way, nothing done).
+    fn carry_out(
+        &self,
+        parts: &http::request::Parts,
+        path: &str,
+        body: Option<&Bytes>,
+    ) -> Result<Carried, MockError> {
+        let mut state = self.shared.lock();
+        state.stats.requests_total += 1;
+        let fault = state.draw_fault();
+        // A refusal is an answer too, and is lost, garbled or late like any other: every
+        // request that draws one of those faults meets it, so its configured rate is the rate
+        // clients see. Such an answer is not counted by its code as it is built. Both fields
+        // are set on every request, so a panic while an answer was held leaves no later one
+        // uncounted.
+        state.holding_answer =
+            matches!(fault, Fault::LostAnswer | Fault::Malformed | Fault::Slow(_));
+        state.held_code = None;
+        match fault {
+            Fault::Drop => {
+                state.stats.connections_dropped += 1;
+                return Err(MockError::dropped());
+            }
+            Fault::ServerError(code) => {
+                let msg = match code {
+                    5001 => "service temporarily unavailable",
+                    5002 => "internal timeout",
+                    _ => "internal error",
+                };
+                return Ok(Carried {
+                    fault,
+                    resp: state.error(code, msg, Instant::now(), None),
+                    code: None,
+                });
+            }
+            Fault::None | Fault::LostAnswer | Fault::Slow(_) | Fault::Malformed => {}
         }
 
-        // A refusal is an answer too, and is lost like any other: every request that draws the
-        // lost-answer fault meets it, so its configured rate is the rate clients see.
-        let mut state = self.shared.lock();
-        state.losing_answer = matches!(fault, Fault::LostAnswer);
         let (resp, job) = 'answer: {
             let now = Instant::now();
-            let Some(body) = &body else {
+            let Some(body) = body else {
                 break 'answer (state.error(1200, "request body too large", now, None), None);
             };
-            let route = routes::parse(&parts.method, &path);
+            let route = routes::parse(&parts.method, path);
             let auth = parts
                 .headers
                 .get(http::header::AUTHORIZATION)
@@ -340,20 +378,20 @@ impl MockKling {
             };
             state.dispatch(&account, &route, parts.uri.query(), body, now)
         };
-        let lost = std::mem::take(&mut state.losing_answer);
-        if lost {
-            // Carried out, its answer never sent: counted as lost (under the lock the request
-            // was carried out under), not by its code.
-            state.stats.answers_lost += 1;
+        state.holding_answer = false;
+        let code = state.held_code.take();
+        // Counted under the lock the request was carried out under, not by its code: a lost
+        // answer is never sent, a garbled one carries no code a client can read.
+        match fault {
+            Fault::LostAnswer => state.stats.answers_lost += 1,
+            Fault::Malformed => state.stats.malformed_responses += 1,
+            _ => {}
         }
         drop(state);
         if let Some(job) = job {
             callbacks::spawn(self.shared.clone(), job);
         }
-        if lost {
-            return Err(MockError::dropped());
-        }
-        Ok(resp)
+        Ok(Carried { fault, resp, code })
     }
 
     /// `/__mock/...`: stats and runtime control, without auth, limits or faults.
@@ -457,6 +495,17 @@ impl MockKling {
             }
         }
     }
+}
+
+/// The `malformed_rate` fault's answer: the answer the request really got (status and headers
+/// kept) with its body cut to its first half, so never JSON (every answer's body is one JSON
+/// object, whose proper prefixes are not JSON).
+async fn garble(resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let (parts, body) = resp.into_parts();
+    // A `Full` is ready at once, and cannot fail.
+    let Ok(whole) = http_body_util::BodyExt::collect(body).await;
+    let whole = whole.to_bytes();
+    Response::from_parts(parts, Full::new(whole.slice(..whole.len() / 2)))
 }
 
 /// The switches a `POST /__mock/switches` names: a JSON object of booleans `abnormal`,

@@ -150,10 +150,14 @@ pub(crate) struct State {
     /// Every account by the number of its last sighting, oldest first: open mode finds the one
     /// to forget without going through them all.
     pub(crate) seen: BTreeMap<u64, String>,
-    /// Set while the answer being built will be lost (the `lost_answer_rate` fault): it is
-    /// never sent, so not counted by its code. Counted and then taken back, it showed in a
-    /// snapshot read between the two.
-    pub(crate) losing_answer: bool,
+    /// Set while the answer being built will not be sent as it is built, now: lost (the
+    /// `lost_answer_rate` fault), garbled (`malformed_rate`) or late (`slow_rate`). It is not
+    /// counted by its code then (counted and then taken back, a lost one showed in a snapshot
+    /// read between the two); its code is kept in [`State::held_code`] for a late answer to be
+    /// counted when it is sent.
+    pub(crate) holding_answer: bool,
+    /// The code of the last answer built while [`State::holding_answer`] was set.
+    pub(crate) held_code: Option<u32>,
 }
 
 /// Why [`State::set_switches_of`] set nothing.
@@ -216,7 +220,8 @@ impl State {
             next_request: 0,
             admitted: 0,
             seen: BTreeMap::new(),
-            losing_answer: false,
+            holding_answer: false,
+            held_code: None,
         }
     }
 
@@ -254,11 +259,18 @@ impl State {
             .throttled(self.switches.throttled || own.throttled)
     }
 
-    /// Counts a response by its code, unless it is built to be lost ([`State::losing_answer`]).
+    /// Counts a response by its code, unless it is held ([`State::holding_answer`]): then its
+    /// code is kept in [`State::held_code`].
     fn count_code(&mut self, code: u32) {
-        if self.losing_answer {
+        if self.holding_answer {
+            self.held_code = Some(code);
             return;
         }
+        self.count_sent(code);
+    }
+
+    /// Counts a response sent with `code` (a held one, when it is sent at last).
+    pub(crate) fn count_sent(&mut self, code: u32) {
         *self
             .stats
             .responses_by_code
@@ -341,16 +353,6 @@ impl State {
             }
         }
         resp
-    }
-
-    /// HTTP 200 whose body is truncated JSON (the `malformed_rate` fault).
-    pub(crate) fn malformed(&mut self, now: Instant) -> Response<Full<Bytes>> {
-        self.stats.malformed_responses += 1;
-        self.base_response(
-            StatusCode::OK,
-            Bytes::from_static(b"{\"code\":0,\"message\":\"SUCC"),
-            now,
-        )
     }
 
     /// Lets a request of `account` in: notes when it was seen and, in open mode, keeps the

@@ -25,7 +25,10 @@ pub const MAX_STATS_POOLS: usize = 256;
 pub struct Stats {
     /// Requests received (control endpoints under `/__mock/` excluded).
     pub requests_total: u64,
-    /// Responses sent, by Kling `code` as a string (`"0"`, `"1303"`, ...).
+    /// Responses sent, by Kling `code` as a string (`"0"`, `"1303"`, ...). A slow answer is
+    /// counted when it is sent (not at all if its client went away first); lost and garbled
+    /// answers are counted in [`Stats::answers_lost`] and [`Stats::malformed_responses`]
+    /// instead.
     pub responses_by_code: BTreeMap<String, u64>,
     /// Tasks created (ghost creates included).
     pub tasks_created: u64,
@@ -52,7 +55,8 @@ pub struct Stats {
     /// Requests carried out whose answer the fault injector then dropped (the connection closed
     /// without a response): a create among them made its task.
     pub answers_lost: u64,
-    /// Responses with a non-JSON body sent by the fault injector.
+    /// Responses whose body the fault injector garbled (not JSON), the request carried out: a
+    /// create among them answered HTTP 200 made its task.
     pub malformed_responses: u64,
 }
 

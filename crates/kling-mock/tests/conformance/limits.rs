@@ -640,6 +640,137 @@ async fn malformed_answers_are_200_and_not_json() {
     assert!(serde_json::from_slice::<serde_json::Value>(&body).is_err());
 }
 
+/// A malformed answer is the answer the request really got with its body garbled: HTTP 200
+/// to a create means the create was carried out (a client may not send it again), so its task
+/// exists. The fault answered 200 and made nothing.
+#[tokio::test(start_paused = true)]
+async fn a_malformed_answer_to_a_create_garbles_the_answer_of_a_task_made() {
+    use http_body_util::{BodyExt, Full};
+    use tower_service::Service;
+    let mut mock = crate::support::mock(quiet().malformed_rate(1.0));
+    let req = http::Request::post(T2V)
+        .header("authorization", "Bearer k")
+        .body(Full::new(bytes::Bytes::from_static(
+            br#"{"prompt":"x","external_task_id":"m-1"}"#,
+        )))
+        .unwrap();
+    let resp = mock.call(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(serde_json::from_slice::<serde_json::Value>(&body).is_err());
+    let stats = mock.stats();
+    assert_eq!(stats.malformed_responses, 1);
+    assert_eq!(
+        stats.tasks_created, 1,
+        "a 200 create made its task: {stats:?}"
+    );
+    assert_eq!(mock.in_use("k", "video"), 1);
+    assert!(
+        stats.responses_by_code.is_empty(),
+        "no code was readable: {stats:?}"
+    );
+}
+
+/// A malformed refusal keeps its status (and headers) and garbles its body: a client still
+/// reads a 429 or a 401 from the status, and nothing was made.
+#[tokio::test(start_paused = true)]
+async fn a_malformed_refusal_keeps_its_status_and_makes_nothing() {
+    use http_body_util::{BodyExt, Full};
+    use tower_service::Service;
+    let mut mock = crate::support::mock(
+        MockConfig::preset(Preset::Free)
+            .no_rate_limit()
+            .retry_after(RetryAfterMode::Seconds)
+            .malformed_rate(1.0),
+    );
+    mock.occupy("k", "video", 1, secs(100));
+    let create = |auth: &str| {
+        http::Request::post(T2V)
+            .header("authorization", auth)
+            .body(Full::new(bytes::Bytes::from_static(br#"{"prompt":"x"}"#)))
+            .unwrap()
+    };
+    for (auth, status) in [("Bearer k", 429), ("Basic k", 401)] {
+        let resp = mock.call(create(auth)).await.unwrap();
+        assert_eq!(resp.status(), status, "{auth}");
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(!body.is_empty(), "{auth}");
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&body).is_err(),
+            "{auth}: {body:?}"
+        );
+    }
+    let stats = mock.stats();
+    assert_eq!((stats.malformed_responses, stats.tasks_created), (2, 0));
+}
+
+/// One seed, one run: with every fault on, two mocks of the same seed fed the same requests
+/// answer each alike (dropped, lost, garbled, late or not, and with what), and make the same
+/// tasks. The faults that now carry the request out draw from the same generator as the task
+/// they make; this keeps them deterministic.
+#[tokio::test(start_paused = true)]
+async fn the_same_seed_draws_the_same_faults() {
+    use http_body_util::{BodyExt, Full};
+    use tower_service::Service;
+    async fn run(seed: u64) -> (Vec<String>, kling_mock::Stats) {
+        let mut mock = crate::support::mock(
+            quiet()
+                .slots(1000)
+                .drop_rate(0.1)
+                .malformed_rate(0.1)
+                .fault_rate(0.1)
+                .slow(0.1, secs(3))
+                .lost_answer_rate(0.1)
+                .ghost_create_rate(0.1)
+                .failure_rate(0.3)
+                .task_duration(secs(10), secs(100))
+                .seed(seed),
+        );
+        let mut seen = Vec::new();
+        for i in 0..300 {
+            let req = http::Request::post(T2V)
+                .header("authorization", "Bearer k")
+                .body(Full::new(bytes::Bytes::from(format!(
+                    r#"{{"prompt":"x","external_task_id":"e{}"}}"#,
+                    i % 250
+                ))))
+                .unwrap();
+            let started = tokio::time::Instant::now();
+            seen.push(match mock.call(req).await {
+                Err(e) => format!("{e}"),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    let body = String::from_utf8_lossy(&body).replace(char::is_numeric, "");
+                    format!("{status} {:?} {body}", started.elapsed())
+                }
+            });
+        }
+        advance(200).await;
+        (seen, mock.stats())
+    }
+    let (first, first_stats) = run(3).await;
+    let (again, again_stats) = run(3).await;
+    assert_eq!(first, again);
+    assert_eq!(first_stats.tasks_created, again_stats.tasks_created);
+    assert_eq!(first_stats.tasks_finished, again_stats.tasks_finished);
+    assert_eq!(first_stats.responses_by_code, again_stats.responses_by_code);
+    // Every fault met some request (the run is no proof otherwise).
+    for (what, n) in [
+        ("dropped", first_stats.connections_dropped),
+        ("lost", first_stats.answers_lost),
+        ("malformed", first_stats.malformed_responses),
+        ("5000", first_stats.responses("5000")),
+        ("5001", first_stats.responses("5001")),
+        ("1201", first_stats.responses("1201")),
+    ] {
+        assert!(n > 0, "no {what}: {first_stats:?}");
+    }
+    assert!(first.iter().any(|s| s.contains("3s")), "no slow answer");
+    assert_ne!(run(4).await.0, first, "another seed draws otherwise");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_dropped_connection_is_a_mock_error_in_process() {
     use http_body_util::Full;
@@ -791,6 +922,55 @@ async fn slow_answers_arrive_after_the_scaled_delay() {
     let started = tokio::time::Instant::now();
     c.get("/account/costs").await.data();
     assert_eq!(started.elapsed(), secs(5));
+}
+
+/// A slow answer is late, not the request: the create is carried out when it arrives (its task
+/// made, its slot held), so a client that gives up waiting and goes away leaves a billed task,
+/// as with a real server (DESIGN fact 6). It made none: the mock slept before handling, and the
+/// dropped future took the request with it. A create sent again with the same external id is
+/// refused as a duplicate.
+#[tokio::test(start_paused = true)]
+async fn a_slow_answer_is_late_but_its_create_is_made_on_arrival() {
+    let c = Caller::new(quiet().slow(1.0, secs(30)));
+    let create = || c.post(T2V, json!({"prompt": "x", "external_task_id": "slow-1"}));
+    let gave_up = tokio::time::timeout(secs(5), create()).await;
+    assert!(gave_up.is_err(), "answered within 5 s: {gave_up:?}");
+    let stats = c.mock.stats();
+    assert_eq!(stats.tasks_created, 1, "made on arrival: {stats:?}");
+    assert_eq!(c.mock.in_use("test-key", "video"), 1);
+    assert!(
+        stats.responses_by_code.is_empty(),
+        "its answer was never sent: {stats:?}"
+    );
+    advance(60).await;
+    assert_eq!(c.mock.stats().tasks_created, 1, "and made once");
+
+    // The client sends it again, with the same external id: a duplicate, answered late too.
+    let started = tokio::time::Instant::now();
+    create().await.assert_error(400, 1201);
+    assert_eq!(started.elapsed(), secs(30));
+    assert_eq!(c.mock.stats().tasks_created, 1);
+}
+
+/// A slow answer is built on arrival but counted by its code when it is sent, after the delay:
+/// a snapshot taken in between shows the task and no answer.
+#[tokio::test(start_paused = true)]
+async fn a_slow_answer_is_counted_when_it_is_sent() {
+    let c = Caller::new(quiet().slow(1.0, secs(30)));
+    let answer = tokio::spawn({
+        let c = c.clone();
+        async move { c.post(T2V, json!({"prompt": "x"})).await }
+    });
+    advance(10).await;
+    let stats = c.mock.stats();
+    assert_eq!(
+        (stats.tasks_created, stats.responses("0")),
+        (1, 0),
+        "{stats:?}"
+    );
+    advance(20).await;
+    answer.await.unwrap().data();
+    assert_eq!(c.mock.stats().responses("0"), 1);
 }
 
 #[tokio::test(start_paused = true)]

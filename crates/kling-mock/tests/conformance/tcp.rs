@@ -176,6 +176,43 @@ async fn a_dropped_connection_fault_really_closes_the_connection() {
     assert_eq!(server.stats().connections_dropped, 1);
 }
 
+/// Over TCP a slow answer's create is made when the request arrives: a client that hangs up
+/// before the answer (its timeout) leaves the task made, billed, as a real server does. hyper
+/// drops the service's future when the client goes away, and the mock slept before handling,
+/// so no task was made. The answer itself, never sent, is not counted by its code.
+#[tokio::test]
+async fn a_slow_answer_over_tcp_makes_its_task_though_the_client_hangs_up() {
+    // 500 s of API time at speed 1000: half a second of real time.
+    let server = MockServer::start(fast().slow(1.0, Duration::from_secs(500)))
+        .await
+        .unwrap();
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    let body = r#"{"prompt":"x","external_task_id":"slow-tcp"}"#;
+    let head = format!(
+        "POST /v1/videos/text2video HTTP/1.1\r\nhost: x\r\nauthorization: Bearer k\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while server.stats().requests_total == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The client gives up before the answer.
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let stats = server.stats();
+    assert_eq!(stats.requests_total, 1);
+    assert_eq!(stats.tasks_created, 1, "made on arrival: {stats:?}");
+    assert!(stats.responses_by_code.is_empty(), "{stats:?}");
+    server.shutdown().await;
+}
+
 /// A client that opens a connection and sends half a header is cut off once the header read
 /// timeout passes: it held the connection (and its task) for good. A whole request on the same
 /// server is answered (the control), and the timeout is configurable and validated.
