@@ -19,6 +19,7 @@ use kling_core::{
 use kling_tower::StackConfig;
 use kling_tower::auth::Credentials;
 use kling_tower::clock::WallClock;
+use kling_tower::error::WebhookErrorKind;
 use kling_tower::webhook::{self, WebhookVerifier};
 
 /// The statuses a Kling response arrives with, picked by the input's first byte.
@@ -259,10 +260,31 @@ pub fn webhook(data: &[u8]) {
                 "webhook-signature",
                 HeaderValue::from_str(&signature).expect("base64 is a header value"),
             );
-            let task = fresh
-                .verify_task(&signed, body)
-                .expect("a correctly signed fresh message is accepted");
-            assert_eq!(task, webhook::parse_task(body));
+            // Accepted, unless it reports several tasks, which the single-task form refuses
+            // without remembering the id.
+            let tasks = webhook::parse_tasks(body).unwrap_or_default();
+            match fresh.verify_task(&signed, body) {
+                Ok(task) => {
+                    assert!(tasks.len() <= 1, "verify_task read one of {}", tasks.len());
+                    assert_eq!(task, webhook::parse_task(body));
+                }
+                Err(err) => {
+                    assert_eq!(err.kind(), WebhookErrorKind::SeveralTasks, "{err}");
+                    assert!(tasks.len() > 1, "{err}");
+                }
+            }
+            // Every task is read with the same id, unless `verify_task` took the one there
+            // was (its id is remembered only then).
+            match fresh.verify_tasks(&signed, body) {
+                Ok(all) => {
+                    assert_ne!(tasks.len(), 1, "a task read twice under one id");
+                    assert_eq!(all, tasks);
+                }
+                Err(err) => {
+                    assert_eq!(err.kind(), WebhookErrorKind::Replayed, "{err}");
+                    assert_eq!(tasks.len(), 1, "{err}");
+                }
+            }
         }
     }
     // The payload parsers alone.

@@ -1,5 +1,7 @@
 //! The callback listener (`--callback-listen ADDR`): Kling posts task changes to it, and a
-//! terminal one ends that task's follow at once.
+//! terminal one ends that task's follow at once. A body may report several tasks (an array,
+//! or an envelope whose `data` holds several, as a proxy batching callbacks may post): each
+//! is taken.
 //!
 //! With a secret (`--callback-secret`, or `KLING_WEBHOOK_SECRET`) a callback must carry a
 //! valid Standard-Webhooks signature (401 otherwise) and is trusted as it is: it frees the
@@ -15,7 +17,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use kling_tower::WebhookVerifier;
 use kling_tower::error::WebhookErrorKind;
-use kling_tower::webhook::parse_task;
+use kling_tower::webhook::parse_tasks;
 use tokio::net::TcpListener;
 
 use crate::error::SetupError;
@@ -104,19 +106,23 @@ pub fn router_at(engine: Arc<Engine>, verifier: Option<WebhookVerifier>, path: &
                 if method != Method::POST {
                     return StatusCode::METHOD_NOT_ALLOWED;
                 }
-                if let Some(verifier) = &verifier {
-                    match verifier.verify(&headers, &body) {
-                        Ok(_) => {}
+                // Every task of the body (Kling posts one; a proxy may batch several). A signed
+                // body's id is remembered once it is known to report a task: one that reports
+                // none is answered 400 again when delivered again, not 200 as a replay.
+                let tasks = match &verifier {
+                    Some(verifier) => match verifier.verify_tasks(&headers, &body) {
+                        Ok(tasks) => tasks,
                         Err(e) if e.kind() == WebhookErrorKind::Replayed => return StatusCode::OK,
                         Err(_) => return StatusCode::UNAUTHORIZED,
-                    }
-                }
-                let Some(task) = parse_task(&body) else {
-                    return StatusCode::BAD_REQUEST;
+                    },
+                    None => parse_tasks(&body).unwrap_or_default(),
                 };
-                if task.status.is_terminal() {
+                if tasks.is_empty() {
+                    return StatusCode::BAD_REQUEST;
+                }
+                if tasks.iter().any(|task| task.status.is_terminal()) {
                     let trusted = verifier.is_some();
-                    tokio::spawn(async move { engine.on_callback(&body, task, trusted).await });
+                    tokio::spawn(async move { engine.on_callback(&body, tasks, trusted).await });
                 }
                 StatusCode::NO_CONTENT
             }

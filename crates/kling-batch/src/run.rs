@@ -1939,20 +1939,41 @@ impl Engine {
         }
     }
 
-    /// A task report from a callback. `trusted` (the signature was verified): the report
-    /// frees the task's slots and ends its follow at once. Otherwise the task is queried
-    /// through the stack first, and that answer is what counts.
-    pub async fn on_callback(&self, payload: &[u8], report: TaskReport, trusted: bool) {
-        if !report.status.is_terminal() {
+    /// The task reports of one callback body: `reports` holds every task the body reports
+    /// (Kling posts one; a proxy batching callbacks may post several), in order; each
+    /// terminal one is taken, the others are left to the follow. `trusted` (the signature was
+    /// verified): the body frees its tasks' slots (handed to the stack once) and each
+    /// terminal report ends its task's follow at once. Otherwise each terminal task is
+    /// queried through the stack first, with a query of its own, and that answer is what
+    /// counts.
+    pub async fn on_callback(&self, payload: &[u8], reports: Vec<TaskReport>, trusted: bool) {
+        let terminal: Vec<TaskReport> = reports
+            .into_iter()
+            .filter(|report| report.status.is_terminal())
+            .collect();
+        if terminal.is_empty() {
             return;
         }
         if trusted {
             if let Err(e) = self.stack.on_callback(payload).await {
                 tracing::warn!(error = %e, "callback not applied to the slots");
             }
-            self.follower.deliver(report);
+            for report in terminal {
+                self.follower.deliver(report);
+            }
             return;
         }
+        // The tasks' queries at once: each waits for its own turn in the account's rate.
+        let mut confirms: FuturesUnordered<_> = terminal
+            .iter()
+            .map(|report| self.confirm_callback(report))
+            .collect();
+        while confirms.next().await.is_some() {}
+    }
+
+    /// An unsigned callback's terminal `report` of a task of the run, confirmed by a query of
+    /// the task ([`on_callback`](Self::on_callback)).
+    async fn confirm_callback(&self, report: &TaskReport) {
         // One query confirms it (and frees the slots as any query does).
         let uri = {
             let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());

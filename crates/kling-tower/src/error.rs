@@ -176,9 +176,16 @@ pub enum WebhookErrorKind {
     BadSignature,
     /// A message with this `webhook-id` was already accepted.
     Replayed,
+    /// The verified body reports several tasks, and
+    /// [`WebhookVerifier::verify_task`](crate::WebhookVerifier::verify_task) reads one: read
+    /// it with [`verify_tasks`](crate::WebhookVerifier::verify_tasks). Its id was not
+    /// remembered.
+    SeveralTasks,
 }
 
-/// A callback whose Standard-Webhooks signature was refused.
+/// A callback whose Standard-Webhooks signature was refused, or (by
+/// [`WebhookVerifier::verify_task`](crate::WebhookVerifier::verify_task)) whose several tasks
+/// a single-task read would have lost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookError {
     pub(crate) kind: WebhookErrorKind,

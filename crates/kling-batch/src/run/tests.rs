@@ -1544,8 +1544,8 @@ async fn a_callback_without_results_is_completed_by_one_query_of_the_task() {
     .expect("the task is created and ends");
     let before = server.stats().requests_total;
     let payload = format!(r#"{{"task_id":"{task}","task_status":"succeed"}}"#);
-    let thin = kling_tower::webhook::parse_task(payload.as_bytes()).unwrap();
-    assert!(thin.urls.is_empty());
+    let thin = kling_tower::webhook::parse_tasks(payload.as_bytes()).unwrap();
+    assert!(thin[0].urls.is_empty());
     engine.on_callback(payload.as_bytes(), thin, true).await;
     let report = tokio::time::timeout(Duration::from_secs(10), run)
         .await
@@ -1803,7 +1803,7 @@ async fn repeated_unsigned_callbacks_of_a_task_cost_one_query_at_a_time() {
     let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
     engine.track(&jobs[0], &TaskRef::legacy(ENDPOINT, task), Instant::now());
     let payload = format!(r#"{{"task_id":"{task}","task_status":"succeed"}}"#);
-    let report = kling_tower::webhook::parse_task(payload.as_bytes()).unwrap();
+    let report = kling_tower::webhook::parse_tasks(payload.as_bytes()).unwrap();
     let mut callbacks = JoinSet::new();
     for _ in 0..20 {
         let (engine, payload, report) = (engine.clone(), payload.clone(), report.clone());
@@ -1819,6 +1819,133 @@ async fn repeated_unsigned_callbacks_of_a_task_cost_one_query_at_a_time() {
         1,
         "{:?}",
         asked.lock().unwrap()
+    );
+}
+
+/// A callback body of two tasks (a proxy batching callbacks): `first` still running, and
+/// `second` ended.
+fn two_tasks(first: &str, second: &str) -> String {
+    format!(
+        r#"[{{"task_id":"{first}","task_status":"processing"}},{{"task_id":"{second}","task_status":"succeed","task_result":{{"videos":[{{"id":"v","url":"https://cdn.example/callback.mp4"}}]}}}}]"#
+    )
+}
+
+/// `body` posted to the callback listener, signed with `(secret, message id)` (`None`:
+/// unsigned).
+fn callback_post(body: &str, signature: Option<(&str, &str)>) -> http::Request<axum::body::Body> {
+    let mut request = http::Request::post(crate::callbacks::CALLBACK_PATH)
+        .header("content-type", "application/json");
+    if let Some((secret, id)) = signature {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let signed = kling_tower::WebhookVerifier::sign(secret, id, now, body.as_bytes()).unwrap();
+        request = request
+            .header("webhook-id", id)
+            .header("webhook-timestamp", now)
+            .header("webhook-signature", signed);
+    }
+    request
+        .body(axum::body::Body::from(body.to_owned()))
+        .unwrap()
+}
+
+/// A signed callback body that reports two tasks, the second ended: the listener read the
+/// first alone, found it running and did nothing (and the signature's id was remembered, so a
+/// redelivery was taken for a replay): the second task waited for its next query. Every task
+/// of the body is taken now, and the second's follow ends with its report.
+#[tokio::test(start_paused = true)]
+async fn a_signed_callback_of_two_tasks_ends_the_follow_of_the_second() {
+    let secret = "whsec_c2VjcmV0LWtleS1mb3ItdGVzdHM=";
+    let (first, second) = ("860000000000000001", "860000000000000002");
+    let engine = Engine::new(
+        stack_sending_nowhere(),
+        Journal::open_in_memory().unwrap(),
+        RunOptions::new(default_follow_policy(1.0)),
+    )
+    .unwrap();
+    let verifier = kling_tower::WebhookVerifier::new(secret).unwrap();
+    let router = crate::callbacks::router(engine.clone(), Some(verifier));
+    let request = callback_post(&two_tasks(first, second), Some((secret, "msg_two")));
+    let answer = router.clone().oneshot(request).await.unwrap();
+    assert_eq!(answer.status(), http::StatusCode::NO_CONTENT);
+    let follow = engine.follower.follow(TaskRef::legacy(ENDPOINT, second));
+    let ended = tokio::time::timeout(Duration::from_secs(5), follow)
+        .await
+        .expect("the callback ends the second task's follow")
+        .unwrap();
+    assert_eq!(ended.id, second);
+    assert_eq!(ended.status, TaskStatus::Succeeded);
+    assert_eq!(ended.urls.len(), 1, "{ended:?}");
+    // Its redelivery is a replay.
+    let request = callback_post(&two_tasks(first, second), Some((secret, "msg_two")));
+    let answer = router.clone().oneshot(request).await.unwrap();
+    assert_eq!(answer.status(), http::StatusCode::OK);
+    // A signed body that reports no task is answered 400 each time it is delivered: its id
+    // was remembered, and the second delivery answered 200 as a replay.
+    for _ in 0..2 {
+        let request = callback_post("{}", Some((secret, "msg_none")));
+        let answer = router.clone().oneshot(request).await.unwrap();
+        assert_eq!(answer.status(), http::StatusCode::BAD_REQUEST);
+    }
+}
+
+/// The same body unsigned: each ended task of it is confirmed by a query of its own (the
+/// running one is not asked), and the second's follow ends with the query's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsigned_callback_of_two_tasks_has_the_second_confirmed_by_a_query() {
+    let (first, second) = ("860000000000000001", "860000000000000002");
+    let answer = succeeded_legacy(
+        second,
+        r#"{"videos":[{"id":"v","url":"https://cdn.example/queried.mp4"}]}"#,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let app = axum::Router::new().fallback({
+        let asked = asked.clone();
+        move |uri: http::Uri| {
+            asked.lock().unwrap().push(uri.to_string());
+            let answer = answer.clone();
+            async move { ([(http::header::CONTENT_TYPE, "application/json")], answer) }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        &base,
+    )
+    .unwrap();
+    let engine = Engine::new(
+        stack,
+        Journal::open_in_memory().unwrap(),
+        RunOptions::new(default_follow_policy(1.0)),
+    )
+    .unwrap();
+    let (jobs, _) =
+        parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n{\"id\":\"b\",\"prompt\":\"b\"}\n");
+    engine.track(&jobs[0], &TaskRef::legacy(ENDPOINT, first), Instant::now());
+    engine.track(&jobs[1], &TaskRef::legacy(ENDPOINT, second), Instant::now());
+    let router = crate::callbacks::router(engine.clone(), None);
+    let answer = router
+        .oneshot(callback_post(&two_tasks(first, second), None))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), http::StatusCode::NO_CONTENT);
+    // The follow's own first query comes after 10 s: the callback's ends it well before.
+    let follow = engine.follower.follow(TaskRef::legacy(ENDPOINT, second));
+    let ended = tokio::time::timeout(Duration::from_secs(5), follow)
+        .await
+        .expect("the callback's query ends the second task's follow")
+        .unwrap();
+    assert_eq!(ended.id, second);
+    assert_eq!(ended.urls, ["https://cdn.example/queried.mp4"], "{ended:?}");
+    assert_eq!(
+        *asked.lock().unwrap(),
+        [format!("{ENDPOINT}/{second}")],
+        "one query, of the ended task"
     );
 }
 

@@ -17,6 +17,11 @@
 //! `v1,` followed by the base64 of 32 bytes are skipped, so a request stuffed with candidates
 //! costs no more than one with a single signature.
 //!
+//! [`WebhookVerifier::verify_tasks`] also reads the tasks a verified body reports (Kling
+//! posts one; a proxy batching callbacks may post several), and remembers the id only once it
+//! reports one; [`verify_task`](WebhookVerifier::verify_task) is its single-task form, which
+//! refuses a body of several tasks rather than return the first and lose the others.
+//!
 //! Secrets are `whsec_<base64>` (the key is the decoded bytes) or, as `kling-mock` also
 //! accepts, raw text used as the key.
 //!
@@ -223,6 +228,7 @@ impl WebhookVerifier {
     /// [`record`](Self::record) (the axum route does).
     pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<Verified, WebhookError> {
         self.check(headers, body, true)
+            .map(|(verified, _)| verified)
     }
 
     /// [`verify`](Self::verify) without remembering the id: an id already
@@ -233,16 +239,19 @@ impl WebhookVerifier {
         body: &[u8],
     ) -> Result<Verified, WebhookError> {
         self.check(headers, body, false)
+            .map(|(verified, _)| verified)
     }
 
     /// [`verify_unrecorded`](Self::verify_unrecorded), and with `record` the id remembered as
     /// [`record`](Self::record) does, on the same reading of the clock and under one lock.
+    /// Returns that reading of the clock (Unix seconds) beside the message, for a later
+    /// [`remember`](Self::remember).
     fn check(
         &self,
         headers: &HeaderMap,
         body: &[u8],
         record: bool,
-    ) -> Result<Verified, WebhookError> {
+    ) -> Result<(Verified, u64), WebhookError> {
         let header = |name: &'static str| {
             headers
                 .get(name)
@@ -299,10 +308,13 @@ impl WebhookVerifier {
         } else if self.seen(id) {
             return Err(replayed(id));
         }
-        Ok(Verified {
-            id: id.to_owned(),
-            timestamp,
-        })
+        Ok((
+            Verified {
+                id: id.to_owned(),
+                timestamp,
+            },
+            now,
+        ))
     }
 
     /// Remembers a verified message's id, so a later delivery of it is refused as a replay;
@@ -313,14 +325,58 @@ impl WebhookVerifier {
         self.remember(&verified.id, verified.timestamp, now)
     }
 
-    /// Verifies a message and reads the task it reports.
+    /// Verifies a message and reads the one task it reports: the single-task form of
+    /// [`verify_tasks`](Self::verify_tasks), for a sender that posts one task a message (as
+    /// Kling does).
+    ///
+    /// A body that reports several tasks (an array, or an envelope whose `data` holds
+    /// several, as a proxy batching callbacks may post) is refused with
+    /// [`WebhookErrorKind::SeveralTasks`] before its id is remembered, so no task of it is
+    /// lost: read it with [`verify_tasks`](Self::verify_tasks), or let the sender deliver it
+    /// again. A body that reports no task (see [`parse_tasks`]) is `Ok(None)`, its id not
+    /// remembered either.
     pub fn verify_task(
         &self,
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<Option<TaskReport>, WebhookError> {
-        self.verify(headers, body)?;
-        Ok(parse_task(body))
+        let (verified, now) = self.check(headers, body, false)?;
+        let mut tasks = parse_tasks(body).unwrap_or_default();
+        if tasks.len() > 1 {
+            return Err(WebhookError::new(
+                WebhookErrorKind::SeveralTasks,
+                format!(
+                    "message `{}` reports {} tasks and `verify_task` reads one; \
+                     read it with `verify_tasks`",
+                    verified.id,
+                    tasks.len()
+                ),
+            ));
+        }
+        let task = tasks.pop();
+        if task.is_some() {
+            self.remember(&verified.id, verified.timestamp, now)?;
+        }
+        Ok(task)
+    }
+
+    /// Verifies a message and reads every task it reports, in order: the bare task object
+    /// Kling posts, or several (an array of them, or an envelope whose `data` holds several,
+    /// as a proxy batching callbacks may post). The id is remembered once the body is known
+    /// to report a task; a verified body that reports none (see [`parse_tasks`]) is `Ok` with
+    /// none, its id not remembered, so that it is read again when the sender delivers it
+    /// again (as the [axum route](crate::webhook) answers it `400` each time).
+    pub fn verify_tasks(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Vec<TaskReport>, WebhookError> {
+        let (verified, now) = self.check(headers, body, false)?;
+        let tasks = parse_tasks(body).unwrap_or_default();
+        if !tasks.is_empty() {
+            self.remember(&verified.id, verified.timestamp, now)?;
+        }
+        Ok(tasks)
     }
 
     fn seen(&self, id: &str) -> bool {
@@ -388,10 +444,33 @@ fn mac(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
     mac
 }
 
-/// Reads the task a callback body reports: the bare task object Kling posts (either
-/// generation), or a whole `{code, data}` envelope.
+/// Reads the first task a callback body reports: the bare task object Kling posts (either
+/// generation), or a whole `{code, data}` envelope. A body may report several (an array, or
+/// a `data` holding several, as a proxy batching callbacks may post): this reads the first
+/// alone; [`parse_tasks`] reads them all.
 pub fn parse_task(body: &[u8]) -> Option<TaskReport> {
     Envelope::parse_callback(body).ok()?.into_iter().next()
+}
+
+/// Reads every task a callback body reports, in order, as
+/// [`Envelope::parse_callback`](kling_core::Envelope::parse_callback) does: the bare task
+/// object Kling posts (either generation), a whole `{code, data}` envelope, or several tasks
+/// (an array of them, or a `data` holding several). `None` when the body is no callback at
+/// all (not JSON, or a task in it that cannot be read); `Some` with none when it is JSON that
+/// reports no task (`{}`).
+///
+/// ```
+/// use kling_tower::webhook::parse_tasks;
+///
+/// let body = br#"{"code":0,"data":[{"task_id":"t1","task_status":"processing"},
+///                                   {"task_id":"t2","task_status":"succeed"}]}"#;
+/// let tasks = parse_tasks(body).unwrap();
+/// assert_eq!(tasks.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t1", "t2"]);
+/// assert!(parse_tasks(b"{}").unwrap().is_empty());
+/// assert!(parse_tasks(b"not json").is_none());
+/// ```
+pub fn parse_tasks(body: &[u8]) -> Option<Vec<TaskReport>> {
+    Envelope::parse_callback(body).ok()
 }
 
 #[cfg(test)]

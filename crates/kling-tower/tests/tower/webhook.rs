@@ -4,7 +4,7 @@ use http::HeaderMap;
 use kling_core::TaskStatus;
 use kling_tower::clock::TokioWallClock;
 use kling_tower::error::WebhookErrorKind;
-use kling_tower::webhook::{WebhookVerifier, parse_task};
+use kling_tower::webhook::{WebhookVerifier, parse_task, parse_tasks};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const OTHER: &str = "whsec_c2VjcmV0LWtleS1mb3ItdGVzdHM=";
@@ -191,6 +191,86 @@ fn callback_payloads_of_both_generations_are_read() {
     let wrapped = parse_task(br#"{"code":0,"data":{"id":"n-2","status":"succeeded"}}"#).unwrap();
     assert_eq!(wrapped.id, "n-2");
     assert!(parse_task(b"not json").is_none());
+}
+
+/// A body that reports two tasks (a proxy batching callbacks): `verify_task` returned the
+/// first and remembered the id, so the second was lost and the sender's next delivery, or a
+/// `verify_tasks` of it, refused as a replay. It is refused now, before the id is remembered,
+/// and `verify_tasks` reads both.
+#[tokio::test(start_paused = true)]
+async fn a_body_of_two_tasks_is_refused_by_verify_task_and_read_whole_by_verify_tasks() {
+    let two_shapes: [&[u8]; 2] = [
+        br#"[{"task_id":"t-1","task_status":"processing"},{"task_id":"t-2","task_status":"succeed"}]"#,
+        br#"{"code":0,"data":[{"task_id":"t-1","task_status":"processing"},{"task_id":"t-2","task_status":"succeed"}]}"#,
+    ];
+    for (n, body) in two_shapes.into_iter().enumerate() {
+        let v = verifier();
+        let id = format!("two_{n}");
+        let h = headers(&id, NOW, &kling_mock::sign_webhook(SECRET, &id, NOW, body));
+        let err = v.verify_task(&h, body).unwrap_err();
+        assert_eq!(err.kind(), WebhookErrorKind::SeveralTasks, "{err}");
+        assert!(err.to_string().contains("verify_tasks"), "{err}");
+        // Not remembered: the whole body is read with the same id, ...
+        let tasks = v.verify_tasks(&h, body).unwrap();
+        let read: Vec<_> = tasks.iter().map(|t| (t.id.as_str(), &t.status)).collect();
+        assert_eq!(
+            read,
+            [
+                ("t-1", &TaskStatus::Processing),
+                ("t-2", &TaskStatus::Succeeded)
+            ]
+        );
+        // ... and then it is remembered.
+        let again = v.verify_tasks(&h, body).unwrap_err();
+        assert_eq!(again.kind(), WebhookErrorKind::Replayed);
+        assert_eq!(
+            v.verify_task(&h, body).unwrap_err().kind(),
+            WebhookErrorKind::Replayed
+        );
+        assert_eq!(parse_tasks(body).unwrap(), tasks);
+        assert_eq!(parse_task(body).as_ref(), tasks.first());
+    }
+}
+
+/// One task: `verify_task` and `verify_tasks` read it alike and remember its id. A verified
+/// body that reports no task is read as none and its id is not remembered, as the axum route
+/// answers it `400` each time (a second delivery was refused as a replay).
+#[tokio::test(start_paused = true)]
+async fn one_task_is_read_by_both_forms_and_a_body_of_none_leaves_its_id_unremembered() {
+    let v = verifier();
+    let one = |id: &str| headers(id, NOW, &kling_mock::sign_webhook(SECRET, id, NOW, BODY));
+    let task = v.verify_task(&one("one_a"), BODY).unwrap().unwrap();
+    assert_eq!(Some(&task), parse_task(BODY).as_ref());
+    assert_eq!(v.verify_tasks(&one("one_b"), BODY).unwrap(), [task]);
+    for id in ["one_a", "one_b"] {
+        assert_eq!(
+            v.verify_tasks(&one(id), BODY).unwrap_err().kind(),
+            WebhookErrorKind::Replayed
+        );
+    }
+    for none in [&b"{}"[..], b"not json", br#"{"code":0,"data":[]}"#] {
+        let h = headers(
+            "none",
+            NOW,
+            &kling_mock::sign_webhook(SECRET, "none", NOW, none),
+        );
+        for _ in 0..2 {
+            assert_eq!(v.verify_task(&h, none).unwrap(), None);
+            assert!(v.verify_tasks(&h, none).unwrap().is_empty());
+        }
+        // The signature is still checked first.
+        let forged = headers(
+            "none",
+            NOW,
+            "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        );
+        assert_eq!(
+            v.verify_tasks(&forged, none).unwrap_err().kind(),
+            WebhookErrorKind::BadSignature
+        );
+    }
+    assert!(parse_tasks(b"not json").is_none());
+    assert!(parse_tasks(b"{}").unwrap().is_empty());
 }
 
 #[cfg(feature = "axum")]
