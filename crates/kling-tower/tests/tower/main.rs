@@ -6,6 +6,7 @@ mod auth;
 mod base_url;
 mod client;
 mod e2e;
+mod faults;
 mod follow;
 mod halt;
 mod metrics;
