@@ -46,6 +46,17 @@ struct Args {
     /// then dropped.
     #[arg(long, default_value_t = 0.0)]
     lost_answer_rate: f64,
+    /// Share of requests carried out on arrival (a create makes its task then) whose answer is
+    /// sent only `--slow-delay` later.
+    #[arg(long, default_value_t = 0.0)]
+    slow_rate: f64,
+    /// Seconds of API time a slow answer waits (default 30; at most a day).
+    #[arg(long, value_parser = parse_secs)]
+    slow_delay: Option<Duration>,
+    /// Share of requests carried out (a create that succeeds makes its task) whose answer keeps
+    /// its status and has its body cut in half (not JSON).
+    #[arg(long, default_value_t = 0.0)]
+    malformed_rate: f64,
     /// Share of tasks that end failed.
     #[arg(long, default_value_t = 0.0)]
     failure_rate: f64,
@@ -151,7 +162,10 @@ fn config(args: Args) -> MockConfig {
         .ghost_create_rate(args.ghost_create_rate)
         .drop_rate(args.drop_rate)
         .lost_answer_rate(args.lost_answer_rate)
+        .malformed_rate(args.malformed_rate)
         .failure_rate(args.failure_rate);
+    let slow_delay = args.slow_delay.unwrap_or(config.faults.slow_delay);
+    config = config.slow(args.slow_rate, slow_delay);
     if let Some(credits) = args.credits {
         config = config.credits(credits);
     }
@@ -316,6 +330,28 @@ mod tests {
             Some(Duration::from_secs(5))
         );
         assert!(Args::try_parse_from(["kling-mock", "--rate-lockout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn slow_and_malformed_flags_set_their_faults_and_the_delay_keeps_its_default() {
+        let faults = parsed(&[]).faults;
+        assert_eq!((faults.slow_rate, faults.malformed_rate), (0.0, 0.0));
+        assert_eq!(faults.slow_delay, Duration::from_secs(30));
+        let faults = parsed(&[
+            "--slow-rate",
+            "0.2",
+            "--slow-delay",
+            "90.5",
+            "--malformed-rate",
+            "0.1",
+        ])
+        .faults;
+        assert_eq!((faults.slow_rate, faults.malformed_rate), (0.2, 0.1));
+        assert_eq!(faults.slow_delay, Duration::from_millis(90_500));
+        let faults = parsed(&["--slow-rate", "1"]).faults;
+        assert_eq!(faults.slow_rate, 1.0);
+        assert_eq!(faults.slow_delay, Duration::from_secs(30));
+        assert!(Args::try_parse_from(["kling-mock", "--slow-delay", "late"]).is_err());
     }
 
     #[test]
