@@ -136,9 +136,6 @@ impl<'a> Route<'a> {
             trimmed -= 1;
         }
         let path = &path[..trimmed];
-        if path.ends_with("/account/costs") || path == "account/costs" {
-            return Route::other(RequestKind::Account);
-        }
         // The non-empty segments, as byte ranges, on the stack, and the index of the one after
         // the last `v1` (`usize::MAX` for no `v1`: a plain index keeps it in a register).
         let bytes = path.as_bytes();
@@ -273,9 +270,6 @@ impl<'a> Route<'a> {
             });
             ranges.push((start, text.len()));
         }
-        if text.ends_with("/account/costs") {
-            return Route::other(RequestKind::Account);
-        }
         let after_v1 = ranges
             .windows(2)
             .rposition(|pair| {
@@ -311,6 +305,17 @@ impl<'a> Route<'a> {
         // caller that ignores `task_id` or `model` does not pay for the check once inlined.
         let raw = |(from, to): Range| &path.as_bytes()[from..to];
         let text = |(from, to): Range| path.get(from..to).unwrap_or_default();
+
+        // The account request: its last two segments (empty ones are none), before the other
+        // rules (`/v1/videos/account/costs` too). Checked on the segments, not on the path's
+        // text before the scan: that check did not see past a `//` between the two words, and
+        // any check there made the scan's loop a few instructions dearer.
+        if let [.., account, costs] = segments
+            && raw(*costs) == b"costs"
+            && raw(*account) == b"account"
+        {
+            return Route::other(RequestKind::Account);
+        }
 
         // Legacy: .../v1/{videos|images}/{endpoint}[/{id}], the endpoint one or two segments.
         if let Some(rest) = segments.get(after_v1..) {
@@ -684,12 +689,11 @@ mod tests {
             task_id: None,
             answers_at_once: false,
         };
-        let path = path.trim_end_matches('/');
-        if path.ends_with("/account/costs") || path == "account/costs" {
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        if let [.., "account", "costs"] = segments[..] {
             route.kind = RequestKind::Account;
             return route;
         }
-        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         if let Some(v1) = segments
             .windows(2)
             .rposition(|w| w[0] == "v1" && matches!(w[1], "videos" | "images"))
@@ -806,7 +810,8 @@ mod tests {
             for variant in [
                 format!("/{joined}"),
                 format!("/{joined}/"),
-                format!("/api//{joined}?task_ids=1,2"),
+                // Empty segments in front and between the words.
+                format!("/api//{}?task_ids=1,2", path.join("//")),
                 format!("https://api.example.com/x/{joined}"),
             ] {
                 for method in &methods {
@@ -816,6 +821,119 @@ mod tests {
             }
         }
         assert!(checked > 1_000_000, "{checked}");
+    }
+
+    /// Empty segments are ignored in every request, the account request's too: written with a
+    /// `//` (or more) between its two words it is still held to its class quota and labelled
+    /// so, as it already was with a `;` parameter or a `.` segment there. The reference reads
+    /// it so too, so the exhaustive comparison holds it.
+    #[test]
+    fn the_account_request_with_an_empty_segment_between_its_words_is_the_account_request() {
+        let account = |method: &Method, path: &str| {
+            assert_eq!(
+                Route::of(method, path).kind,
+                RequestKind::Account,
+                "{method} {path}"
+            );
+        };
+        for path in [
+            "/account//costs",
+            "/account///costs/",
+            "//account//costs//",
+            "account//costs",
+            "/proxy/account//costs",
+            "/v1/videos/account//costs",
+        ] {
+            for method in [Method::GET, Method::POST] {
+                account(&method, path);
+                assert_eq!(Route::of(&method, path), reference(&method, path), "{path}");
+            }
+        }
+        for path in [
+            "/account//costs;x",
+            "/account/.//costs",
+            "/account//%63osts",
+        ] {
+            account(&Method::GET, path);
+        }
+        for path in [
+            "/xaccount//costs",
+            "/account//xcosts",
+            "/accountcosts",
+            "/account/costs/x",
+            "/account//",
+            "//costs",
+            "costs",
+        ] {
+            assert_eq!(
+                Route::of(&Method::GET, path).kind,
+                RequestKind::Other,
+                "{path}"
+            );
+            assert_eq!(
+                Route::of(&Method::GET, path),
+                reference(&Method::GET, path),
+                "{path}"
+            );
+        }
+    }
+
+    /// Every path of up to four words, written with an empty segment (`//`) anywhere, a `;p=1`
+    /// after one of its segments, or a `/.` in front or behind, is read as it is written
+    /// plainly: the whole family of spellings a server reads as the same path.
+    #[test]
+    fn every_spelling_of_a_path_reads_as_the_plain_path() {
+        // Words the rules look at (a group, an endpoint that answers at once, an id), and the
+        // empty one (a `//` where it stands): a few seconds in a debug build.
+        const TOKENS: [&str; 12] = [
+            "",
+            "v1",
+            "videos",
+            "images",
+            "avatar",
+            "identify-face",
+            "text2video",
+            "tasks",
+            "account",
+            "costs",
+            "text-to-video",
+            "kling-3.0",
+        ];
+        let mut paths: Vec<Vec<&str>> = vec![vec![]];
+        let mut checked = 0;
+        for _ in 0..4 {
+            paths = paths
+                .iter()
+                .flat_map(|p| TOKENS.iter().map(move |w| [p.as_slice(), &[*w]].concat()))
+                .collect();
+            for path in &paths {
+                let words: Vec<&str> = path.iter().copied().filter(|w| !w.is_empty()).collect();
+                let plain = format!("/{}", words.join("/"));
+                let mut spellings = vec![
+                    format!("/{}", path.join("/")),
+                    format!("{plain}/."),
+                    format!("/.{plain}"),
+                ];
+                for at in 0..words.len() {
+                    let mut with = words.clone();
+                    let parameter = format!("{};p=1", words[at]);
+                    with[at] = &parameter;
+                    spellings.push(format!("/{}", with.join("/")));
+                }
+                for method in [Method::GET, Method::POST] {
+                    let expected = Route::of(&method, &plain);
+                    for spelling in &spellings {
+                        assert_eq!(
+                            Route::of(&method, spelling),
+                            expected,
+                            "{method} {spelling} (plainly {plain})"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 250_000, "{checked}");
     }
 
     #[test]
