@@ -363,7 +363,7 @@ impl State {
         }
         self.settle(account, now);
         if self.first_1102(account, now).is_some() {
-            return (self.error(1102, "resource pack exhausted", now, None), None);
+            return (self.refuse_1102(account, now), None);
         }
         if let Some(ext) = &spec.external_id
             && self
@@ -382,7 +382,7 @@ impl State {
             && left < f64::from(cost)
         {
             self.latch_1102(account, now);
-            return (self.error(1102, "resource pack exhausted", now, None), None);
+            return (self.refuse_1102(account, now), None);
         }
         let capacity = self.config.capacity(&spec.pool);
         if self.in_use(account, &spec.pool).saturating_add(spec.weight) > capacity {

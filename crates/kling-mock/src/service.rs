@@ -63,6 +63,9 @@ struct Carried {
     /// The answer's code when the fault held it back from being counted by it
     /// ([`State::holding_answer`]).
     code: Option<u32>,
+    /// A slow answer's 1102: its account and when it was built ([`State::held_1102`]), for the
+    /// client to be counted as having seen it when it is sent.
+    late_1102: Option<(String, Instant)>,
 }
 
 /// The future returned by [`MockKling`]'s `call`.
@@ -238,16 +241,28 @@ impl MockKling {
         };
         // Carried out now, whatever the fault does to the answer: a client that goes away
         // before it (a timeout; hyper drops this future when the socket closes) undoes nothing.
-        let Carried { fault, resp, code } = self.carry_out(&parts, &path, body.as_ref())?;
+        let Carried {
+            fault,
+            resp,
+            code,
+            late_1102,
+        } = self.carry_out(&parts, &path, body.as_ref())?;
         match fault {
             Fault::LostAnswer => Err(MockError::dropped()),
             Fault::Malformed => Ok(garble(resp).await),
             Fault::Slow(delay) => {
                 // Only the answer waits; it is counted by its code when it goes out, and not
-                // at all if the client has gone away by then (this future is dropped).
+                // at all if the client has gone away by then (this future is dropped). An 1102
+                // is seen by the client then too, not when it was built.
                 tokio::time::sleep(delay).await;
-                if let Some(code) = code {
-                    self.shared.lock().count_sent(code);
+                if code.is_some() || late_1102.is_some() {
+                    let mut state = self.shared.lock();
+                    if let Some(code) = code {
+                        state.count_sent(code);
+                    }
+                    if let Some((account, built)) = late_1102 {
+                        state.saw_late_1102(&account, built, Instant::now());
+                    }
                 }
                 Ok(resp)
             }
@@ -276,6 +291,7 @@ impl MockKling {
         state.holding_answer =
             matches!(fault, Fault::LostAnswer | Fault::Malformed | Fault::Slow(_));
         state.held_code = None;
+        state.held_1102 = None;
         match fault {
             Fault::Drop => {
                 state.stats.connections_dropped += 1;
@@ -291,6 +307,7 @@ impl MockKling {
                     fault,
                     resp: state.error(code, msg, Instant::now(), None),
                     code: None,
+                    late_1102: None,
                 });
             }
             Fault::None | Fault::LostAnswer | Fault::Slow(_) | Fault::Malformed => {}
@@ -336,13 +353,16 @@ impl MockKling {
                 break 'answer (state.error(code, msg, now, None), None);
             }
             if route.as_ref().is_some_and(Route::is_create) {
-                // Creates already on their way when the 1102 went out are not counted: 100 ms
-                // of API time, but at least 20 ms of real time, as that part is network time (at
-                // 100× the scaled 1 ms is less than a loaded machine's round trip).
+                // Counted from the first 1102 the client could read (sent as built, or a slow
+                // one when it went out; never a lost or garbled one), not from the latch: a
+                // create sent before any 1102 reached the client is not one after it. Creates
+                // already on their way when it went out are not counted either: 100 ms of API
+                // time, but at least 20 ms of real time, as that part is network time (at 100×
+                // the scaled 1 ms is less than a loaded machine's round trip).
                 let grace = Duration::from_millis(20)
                     .max(self.shared.config.scaled(Duration::from_millis(100)));
                 if state
-                    .first_1102(&account, now)
+                    .seen_1102(&account, now)
                     .is_some_and(|first| now > first + grace)
                 {
                     state.stats.creates_after_1102 += 1;
@@ -380,6 +400,11 @@ impl MockKling {
         };
         state.holding_answer = false;
         let code = state.held_code.take();
+        // Only a slow answer is ever read: a lost or garbled 1102 is never seen.
+        let late_1102 = state
+            .held_1102
+            .take()
+            .filter(|_| matches!(fault, Fault::Slow(_)));
         // Counted under the lock the request was carried out under, not by its code: a lost
         // answer is never sent, a garbled one carries no code a client can read.
         match fault {
@@ -391,7 +416,12 @@ impl MockKling {
         if let Some(job) = job {
             callbacks::spawn(self.shared.clone(), job);
         }
-        Ok(Carried { fault, resp, code })
+        Ok(Carried {
+            fault,
+            resp,
+            code,
+            late_1102,
+        })
     }
 
     /// `/__mock/...`: stats and runtime control, without auth, limits or faults.

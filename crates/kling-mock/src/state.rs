@@ -115,9 +115,13 @@ pub(crate) struct Account {
     charged: u64,
     /// Refunds of failed tasks created in the current credit period.
     refunded: u64,
-    /// When the first 1102 of the credit period was sent; from then on every create of the
-    /// period gets 1102.
+    /// When the first 1102 of the credit period was answered (built, whatever then became of
+    /// the answer); from then on every create of the period gets 1102.
     first_1102: Option<Instant>,
+    /// When the client was first sent an 1102 it could read in this credit period: an answer
+    /// sent as it was built, or a slow one when it went out; never a lost or garbled one.
+    /// [`Stats::creates_after_1102`] counts from here.
+    seen_1102: Option<Instant>,
     occupied: Vec<Occupation>,
     /// This account's own state (1100 / 1101 / 1304), on top of the mock-wide switches.
     pub(crate) switches: Switches,
@@ -158,6 +162,9 @@ pub(crate) struct State {
     pub(crate) holding_answer: bool,
     /// The code of the last answer built while [`State::holding_answer`] was set.
     pub(crate) held_code: Option<u32>,
+    /// The account and time of an 1102 built while [`State::holding_answer`] was set: a slow
+    /// one is seen by the client only when it is sent ([`State::saw_late_1102`]).
+    pub(crate) held_1102: Option<(String, Instant)>,
 }
 
 /// Why [`State::set_switches_of`] set nothing.
@@ -184,7 +191,7 @@ impl Account {
     }
 
     /// Moves the credit period on by whole periods once it has ended: the budget comes back
-    /// in full and the 1102 latch is lifted.
+    /// in full and the 1102 latch is lifted (the 1102 the client saw too).
     fn roll_credit_period(&mut self, period: Option<Duration>, now: Instant) {
         let (Some(period), Some(start)) = (period, self.credit_period_start) else {
             return;
@@ -202,6 +209,7 @@ impl Account {
         self.charged = 0;
         self.refunded = 0;
         self.first_1102 = None;
+        self.seen_1102 = None;
     }
 }
 
@@ -222,6 +230,7 @@ impl State {
             seen: BTreeMap::new(),
             holding_answer: false,
             held_code: None,
+            held_1102: None,
         }
     }
 
@@ -611,8 +620,8 @@ impl State {
         Some((start, start + period))
     }
 
-    /// When the first 1102 of the account's current credit period was sent (rolling the
-    /// period first, so a new period's creates are not counted as after an 1102).
+    /// When the first 1102 of the account's current credit period was answered (rolling the
+    /// period first): while it is set, every create gets 1102.
     pub(crate) fn first_1102(&mut self, account: &str, now: Instant) -> Option<Instant> {
         let period = self.config.scaled_credit_period();
         let acct = self.accounts.get_mut(account)?;
@@ -620,9 +629,47 @@ impl State {
         acct.first_1102
     }
 
+    /// When the client was first sent an 1102 of the account's current credit period that it
+    /// could read (rolling the period first, so a new period's creates are not counted as after
+    /// an 1102). Later than [`State::first_1102`] when that one was late, and unset while every
+    /// 1102 was lost, garbled or still on its way.
+    pub(crate) fn seen_1102(&mut self, account: &str, now: Instant) -> Option<Instant> {
+        let period = self.config.scaled_credit_period();
+        let acct = self.accounts.get_mut(account)?;
+        acct.roll_credit_period(period, now);
+        acct.seen_1102
+    }
+
     /// Latches 1102 for the rest of the credit period.
     pub(crate) fn latch_1102(&mut self, account: &str, now: Instant) {
         self.account(account).first_1102 = Some(now);
+    }
+
+    /// The 1102 answer to a create of `account` (the latch set already). Sent as it is built,
+    /// the client sees it now; held ([`State::holding_answer`]), it is not seen yet, and its
+    /// account is kept in [`State::held_1102`] for a slow answer to be seen when it is sent.
+    pub(crate) fn refuse_1102(&mut self, account: &str, now: Instant) -> Response<Full<Bytes>> {
+        if self.holding_answer {
+            self.held_1102 = Some((account.to_owned(), now));
+        } else {
+            let acct = self.account(account);
+            acct.seen_1102.get_or_insert(now);
+        }
+        self.error(1102, "resource pack exhausted", now, None)
+    }
+
+    /// A slow 1102 answer, built at `built`, sent to the client now: seen from now, unless the
+    /// credit period it was built in has ended (the new one has no latch of its own from it)
+    /// or the account has been forgotten.
+    pub(crate) fn saw_late_1102(&mut self, account: &str, built: Instant, now: Instant) {
+        let period = self.config.scaled_credit_period();
+        let Some(acct) = self.accounts.get_mut(account) else {
+            return;
+        };
+        acct.roll_credit_period(period, now);
+        if acct.first_1102.is_some_and(|first| first <= built) {
+            acct.seen_1102.get_or_insert(now);
+        }
     }
 
     pub(crate) fn charge(&mut self, account: &str, cost: u32) {

@@ -39,8 +39,11 @@ pub struct Stats {
     /// Pool → slots in use now (all accounts).
     pub in_use: BTreeMap<String, u32>,
     /// Creates received more than 100 ms of API time (divided by speed), and at least 20 ms of
-    /// real time, after the account's first 1102: creates sent before it was seen are not
-    /// counted.
+    /// real time, after the first 1102 of the account's credit period that the client could
+    /// read: creates sent before it was seen are not counted. An 1102 is seen when it is sent
+    /// as built, or, slow, when it goes out; never when its answer is lost or garbled, nor when
+    /// the client of a slow one has gone away first. The account is refused 1102 from the first
+    /// one built all the same.
     pub creates_after_1102: u64,
     /// Creates refused because their external id was already used.
     pub duplicate_external_ids: u64,

@@ -1242,6 +1242,187 @@ async fn creates_after_1102_allow_20_ms_of_real_time_at_any_speed() {
     assert_eq!(c.mock.stats().creates_after_1102, 1);
 }
 
+/// A create after an 1102 is counted from when the client could read the 1102, not from when
+/// the mock built it. A slow 1102 is read only when it arrives: a create the client sends 5 s
+/// in, answered at once, was sent before any 1102 reached it. It was counted, as the 1102
+/// latched when the first create arrived.
+#[tokio::test(start_paused = true)]
+async fn a_create_sent_before_a_slow_1102_arrives_is_not_counted_after_it() {
+    let mut checked = 0;
+    for seed in 0..64 {
+        let c = Caller::new(quiet().credits(0.0).slow(0.5, secs(30)).seed(seed));
+        let first = tokio::spawn({
+            let c = c.clone();
+            async move { c.post(T2V, json!({"prompt": "a"})).await }
+        });
+        // Let the first create arrive at 0 s (a spawned task runs when this one yields).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(c.mock.stats().requests_total, 1, "the first create arrived");
+        advance(5).await;
+        if first.is_finished() {
+            continue; // the first answer was not slow
+        }
+        let started = tokio::time::Instant::now();
+        let second = c.post(T2V, json!({"prompt": "b"})).await;
+        if started.elapsed() > secs(1) {
+            first.await.unwrap();
+            continue; // the second answer was slow too
+        }
+        second.assert_error(429, 1102);
+        // The client has seen no 1102 before sending the second create: the first's answer
+        // is still 25 s away.
+        assert!(!first.is_finished());
+        advance(30).await;
+        first.await.unwrap().assert_error(429, 1102);
+        let stats = c.mock.stats();
+        assert_eq!(
+            stats.creates_after_1102, 0,
+            "seed {seed}: both creates were sent before any 1102 reached the client: {stats:?}"
+        );
+        // Control: a create sent after an 1102 was read is counted.
+        c.post(T2V, json!({"prompt": "c"}))
+            .await
+            .assert_error(429, 1102);
+        assert_eq!(c.mock.stats().creates_after_1102, 1, "seed {seed}");
+        checked += 1;
+    }
+    assert!(checked > 0, "no seed drew slow then not slow");
+}
+
+/// A slow 1102 whose client went away before it was sent was never read: the client's next
+/// create is not counted as sent after it (it was, by the time the 1102 was built).
+#[tokio::test(start_paused = true)]
+async fn a_slow_1102_never_sent_is_not_one_the_client_saw() {
+    let c = Caller::new(quiet().credits(0.0).slow(1.0, secs(30)));
+    let create = || c.post(T2V, json!({"prompt": "x"}));
+    assert!(tokio::time::timeout(secs(5), create()).await.is_err());
+    advance(60).await;
+    let started = tokio::time::Instant::now();
+    create().await.assert_error(429, 1102);
+    assert_eq!(started.elapsed(), secs(30));
+    let stats = c.mock.stats();
+    assert_eq!(
+        (stats.creates_after_1102, stats.responses("1102")),
+        (0, 1),
+        "the first 1102 was never sent: {stats:?}"
+    );
+    // Control: the second 1102 was read, 30 s after its create was sent.
+    advance(1).await;
+    create().await.assert_error(429, 1102);
+    assert_eq!(c.mock.stats().creates_after_1102, 1);
+}
+
+/// A slow 1102 built in one credit period and sent in the next is not a latch of the new
+/// period: the account has its credits back, and a create the server accepts is not counted
+/// as one after an 1102.
+#[tokio::test(start_paused = true)]
+async fn a_slow_1102_sent_after_its_credit_period_ended_latches_nothing() {
+    let c = Caller::new(
+        quiet()
+            .credits(1.0)
+            .credit_period(secs(100))
+            .slow(1.0, secs(150)),
+    );
+    let (first, second) = tokio::join!(
+        c.post(T2V, json!({"prompt": "a"})),
+        c.post(T2V, json!({"prompt": "b"})),
+    );
+    first.data();
+    second.assert_error(429, 1102);
+    advance(1).await;
+    c.post(T2V, json!({"prompt": "c"})).await.data();
+    let stats = c.mock.stats();
+    assert_eq!(
+        (stats.creates_after_1102, stats.tasks_created),
+        (0, 2),
+        "{stats:?}"
+    );
+}
+
+/// A garbled 1102 (its status kept, its body cut: no code readable) is not one the client saw:
+/// its next create, a minute later, was counted as sent after an 1102 it could not read.
+#[tokio::test(start_paused = true)]
+async fn a_create_after_a_garbled_1102_is_not_counted_after_it() {
+    use http_body_util::{BodyExt, Full};
+    use tower_service::Service;
+    let mut checked = 0;
+    for seed in 0..64 {
+        let mut mock = crate::support::mock(quiet().credits(0.0).malformed_rate(0.5).seed(seed));
+        let create = || {
+            http::Request::post(T2V)
+                .header("authorization", "Bearer k")
+                .body(Full::new(bytes::Bytes::from_static(br#"{"prompt":"x"}"#)))
+                .unwrap()
+        };
+        let first = mock.call(create()).await.unwrap();
+        let first_body = first.into_body().collect().await.unwrap().to_bytes();
+        if serde_json::from_slice::<serde_json::Value>(&first_body).is_ok() {
+            continue; // the first answer was not garbled
+        }
+        advance(60).await;
+        let second = mock.call(create()).await.unwrap();
+        let body = second.into_body().collect().await.unwrap().to_bytes();
+        let Ok(second) = serde_json::from_slice::<serde_json::Value>(&body) else {
+            continue; // garbled too
+        };
+        assert_eq!(second["code"], 1102);
+        let stats = mock.stats();
+        assert_eq!(
+            stats.creates_after_1102, 0,
+            "seed {seed}: no 1102 was readable before the second create: {stats:?}"
+        );
+        // Control: the second 1102 was read; a create a minute later is counted.
+        advance(60).await;
+        mock.call(create()).await.unwrap();
+        assert_eq!(mock.stats().creates_after_1102, 1, "seed {seed}");
+        checked += 1;
+    }
+    assert!(checked > 0, "no seed drew garbled then not");
+}
+
+/// A lost 1102 (the connection closed without an answer) is not one the client saw: its next
+/// create, a minute later, was counted as sent after it.
+#[tokio::test(start_paused = true)]
+async fn a_create_after_a_lost_1102_is_not_counted_after_it() {
+    use http_body_util::Full;
+    use tower_service::Service;
+    let mut checked = 0;
+    for seed in 0..64 {
+        let mut mock = crate::support::mock(quiet().credits(0.0).lost_answer_rate(0.5).seed(seed));
+        let create = || {
+            http::Request::post(T2V)
+                .header("authorization", "Bearer k")
+                .body(Full::new(bytes::Bytes::from_static(br#"{"prompt":"x"}"#)))
+                .unwrap()
+        };
+        if mock.call(create()).await.is_ok() {
+            continue; // the first answer was not lost
+        }
+        advance(60).await;
+        if mock.call(create()).await.is_err() {
+            continue; // lost too
+        }
+        let stats = mock.stats();
+        assert_eq!(
+            (
+                stats.creates_after_1102,
+                stats.answers_lost,
+                stats.responses("1102")
+            ),
+            (0, 1, 1),
+            "seed {seed}: no 1102 reached the client before the second create: {stats:?}"
+        );
+        // Control: the second 1102 was read; a create a minute later is counted.
+        advance(60).await;
+        let _ = mock.call(create()).await;
+        assert_eq!(mock.stats().creates_after_1102, 1, "seed {seed}");
+        checked += 1;
+    }
+    assert!(checked > 0, "no seed drew lost then not");
+}
+
 #[tokio::test(start_paused = true)]
 async fn credits_without_a_period_are_spent_for_good() {
     let free = MockConfig::preset(Preset::Free);
