@@ -510,6 +510,13 @@ where
                 .map_err(|e| DownloadError::new(part.display().to_string(), e))?;
         }
     }
+    // `flush` first: it waits for the last write, which tokio's `File` runs in the
+    // background, and returns its error (the disk full, a quota, `EFBIG`). `sync_all` waits
+    // for it too but keeps the error for a later call, so a file cut short was renamed and
+    // recorded as whole.
+    file.flush()
+        .await
+        .map_err(|e| DownloadError::new(part.display().to_string(), e))?;
     file.sync_all()
         .await
         .map_err(|e| DownloadError::new(part.display().to_string(), e))?;

@@ -1611,6 +1611,8 @@ impl Engine {
         match self.lookup(job, &external_id).await {
             Ok(Some(report)) => self.created(job, &report, tx),
             // A refusal of the account says nothing against the job: the next run sends it.
+            // Never a call that may have made a task (`final_refusal` is not then): the
+            // lookup made at once proves nothing for it, as below.
             Ok(None) if failure.final_refusal && !failure.halts => self.move_to(
                 &job.id,
                 JobState::Creating,

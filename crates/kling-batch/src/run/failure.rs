@@ -11,7 +11,9 @@ use crate::journal::ErrorInfo;
 pub(super) struct Failure {
     pub(super) info: ErrorInfo,
     pub(super) code: Option<Code>,
-    /// Surely not created, and sending it again would fail the same way.
+    /// Surely not created, and sending it again would fail the same way. Never with
+    /// `may_have_created`: a refusal that no retry changes may be Kling's answer to a resend
+    /// of a create that made a task (`1201` for the external id it already has).
     pub(super) final_refusal: bool,
     /// The account can create nothing more: [`halts_run`] (1000–1002, 1100–1102, 1304),
     /// [`refuses_account`] (a final refusal under 429), a spent budget, the access key pair
@@ -103,10 +105,14 @@ impl Failure {
 /// drain gate refused it, whether it may have made a task.
 ///
 /// Whether it may have made a task is kling-core's rule, which reads the retry layer's own
-/// account of its attempts ([`kling_core::error::Attempts`]) when there is one.
+/// account of its attempts ([`kling_core::error::Attempts`]) when there is one; a call that
+/// may have made a task is no final refusal, whatever its last answer.
 pub(super) fn failure_of(error: &(dyn std::error::Error + 'static)) -> Failure {
     let mut failure = read_failure(error);
     failure.may_have_created = kling_core::error::may_have_created(error);
+    // The last code alone made it final (a resend refused `1201`, say), while an earlier
+    // attempt may have made the task that the refusal is about.
+    failure.final_refusal &= !failure.may_have_created;
     failure
 }
 

@@ -3235,3 +3235,94 @@ async fn a_run_refused_for_a_changed_job_leaves_the_journal_and_its_base_url_as_
     assert!(!told.load(Ordering::SeqCst));
     assert_eq!(stack.calls().requests(), 0);
 }
+
+/// A server whose first create is answered only after `first_delay` (past the attempt
+/// timeout: its answer is lost, the task made), every later create `400 1201` (a duplicate
+/// external id: the first landed), and every lookup `404 1203` (Kling not yet listing the
+/// task by its external id). Returns the base URL and the requests seen (`METHOD path`).
+async fn duplicate_after_a_lost_answer(first_delay: Duration) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let creates = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let app = axum::Router::new().fallback(move |method: http::Method, uri: http::Uri| {
+        let creates = creates.clone();
+        let log = log.clone();
+        async move {
+            log.lock().unwrap().push(format!("{method} {}", uri.path()));
+            let json = [(http::header::CONTENT_TYPE, "application/json")];
+            if method != http::Method::POST {
+                return (
+                    http::StatusCode::NOT_FOUND,
+                    json,
+                    r#"{"code":1203,"message":"resource not found","request_id":"r3"}"#,
+                );
+            }
+            if creates.fetch_add(1, Ordering::SeqCst) == 0 {
+                tokio::time::sleep(first_delay).await;
+                return (
+                    http::StatusCode::OK,
+                    json,
+                    r#"{"code":0,"message":"SUCCEED","request_id":"r1","data":{"task_id":"860000000000000001","task_status":"submitted"}}"#,
+                );
+            }
+            (
+                http::StatusCode::BAD_REQUEST,
+                json,
+                r#"{"code":1201,"message":"duplicate external task id","request_id":"r2"}"#,
+            )
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, seen)
+}
+
+/// A create whose first attempt timed out (it may have made a task), whose resend was
+/// refused `1201` (Kling's answer to an external id it already has) and whose retry layer's
+/// confirming lookup was cut off by the attempt limit ends "may have created"; the engine's
+/// lookup right after finds nothing yet, which proves nothing (`LOOKUP_SETTLE`). The job
+/// stays `creating`, marked not yet listed, for a later run to look up again. It was marked
+/// `failed` on the strength of the last code alone ("fix the job's fields, under a new id":
+/// a second billed task, and the first one's results never fetched).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_may_have_made_a_task_is_never_failed_on_a_lookup_made_at_once() {
+    let (base, seen) = duplicate_after_a_lost_answer(Duration::from_secs(3)).await;
+    let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+    let config = StackConfig::preset(Tier::Pro)
+        .no_rate_limit()
+        .attempt_timeout(Duration::from_millis(300))
+        .retry_max_attempts(3);
+    let stack = Stack::new(config, Credentials::api_key("key").unwrap(), &base).unwrap();
+    let journal = Journal::open_in_memory().unwrap();
+    let options = RunOptions::new(default_follow_policy(1.0));
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let creates = seen.iter().filter(|r| r.starts_with("POST ")).count();
+    assert_eq!(
+        creates, 2,
+        "the lost create and its refused resend: {seen:?}"
+    );
+    assert!(
+        seen.last().is_some_and(|r| r.starts_with("GET ")),
+        "the engine's own lookup came last: {seen:?}"
+    );
+    let record = &report.records[0];
+    assert_eq!(
+        record.state,
+        JobState::Creating,
+        "a create that may have made a task is left of unknown outcome: {record:?}"
+    );
+    let error = record.error.as_ref().expect("why it is unknown");
+    assert!(error.message.starts_with(NOT_YET_LISTED), "{error:?}");
+    assert_eq!(error.code, 1201, "the last answer is kept: {error:?}");
+    assert_eq!(
+        journal.record("cat").unwrap().unwrap().state,
+        JobState::Creating
+    );
+    let mut summary = crate::summary::Summary::default();
+    summary.count_jobs(&report.records);
+    assert_eq!((summary.unknown, summary.failed), (1, 0), "{summary}");
+}

@@ -770,3 +770,122 @@ async fn an_expired_result_url_is_recorded_once_and_not_fetched_on_every_run() {
     }
     assert_eq!(server.stats().tasks_created, 1);
 }
+
+/// Set in the child process that [`a_result_file_whose_last_write_fails_is_not_taken_for_whole`]
+/// runs itself in, under a file-size limit.
+const UNDER_A_FILE_SIZE_LIMIT: &str = "KLING_BATCH_TEST_UNDER_A_FILE_SIZE_LIMIT";
+
+/// What the child process prints once it has checked the download under the limit: a child
+/// that ran no test (its name not matched) exits 0 too.
+const CHECKED_UNDER_THE_LIMIT: &str = "checked under a 1024-byte file-size limit";
+
+/// A result file whose last write fails (the disk full, a quota, `EFBIG`) is neither renamed
+/// to its result name nor recorded, and its `.part` is removed: tokio's `File::sync_all` waits
+/// for the write in flight but keeps its error for a later call, and none came (no `flush`),
+/// so the file was saved cut short and reported whole, and every later run took it as saved.
+///
+/// The test runs itself again in a child process under `ulimit -f 1` (a write past 1024 bytes
+/// fails with `EFBIG`; `SIGXFSZ` ignored), where the file (4000 bytes, one write) must be
+/// refused; here, without the limit, the same download is saved whole (the control). Skipped
+/// where there is no `bash`.
+#[test]
+fn a_result_file_whose_last_write_fails_is_not_taken_for_whole() {
+    const SIZE: usize = 4000;
+    let limited = std::env::var_os(UNDER_A_FILE_SIZE_LIMIT).is_some();
+    let dir = temp_dir(if limited {
+        "dl-efbig-limited"
+    } else {
+        "dl-efbig"
+    });
+    let file = download::task_dir(&dir, "job", "t").join("0.mp4");
+    if limited {
+        // The limit is in effect, and refuses a plain write as it will the download's.
+        let probe = std::fs::write(dir.join("probe"), [7u8; SIZE]).unwrap_err();
+        assert_eq!(probe.kind(), std::io::ErrorKind::FileTooLarge, "{probe}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fetched = runtime.block_on(async {
+        // One body of SIZE bytes, which the download writes at once: its last write.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().fallback(|| async { vec![7u8; SIZE] });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let timeouts = DownloadTimeouts::default();
+        let client = download::client(timeouts.connect_timeout()).unwrap();
+        let url = format!("http://{addr}/outputs/t/0.mp4");
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            download::fetch_all(&client, &dir, "job", "t", &[url], &[], timeouts),
+        )
+        .await
+        .expect("the download ends")
+    });
+    if limited {
+        assert!(
+            fetched.files.is_empty(),
+            "a file cut short is not recorded: {fetched:?}, {} bytes on disk",
+            std::fs::metadata(&file).map_or(0, |m| m.len())
+        );
+        let error = fetched.error.expect("the missing file is reported");
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        let mut io = None;
+        while let Some(e) = source {
+            io = io.or(e.downcast_ref::<std::io::Error>());
+            source = e.source();
+        }
+        assert_eq!(
+            io.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::FileTooLarge),
+            "{error}"
+        );
+        assert!(!fetched.gone);
+        assert!(!file.exists(), "nothing under the result's name");
+        assert!(!download::part_path(&file).exists(), "no .part left");
+        let _ = std::fs::remove_dir_all(&dir);
+        // The parent reads it from the child's output (libtest's capture is off there).
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{CHECKED_UNDER_THE_LIMIT}");
+        }
+        return;
+    }
+    // The control: without the limit, the same download is saved whole.
+    assert!(fetched.error.is_none(), "{fetched:?}");
+    assert_eq!(fetched.files, [file.display().to_string()]);
+    assert_eq!(std::fs::read(&file).unwrap(), [7u8; SIZE]);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // This test's name as the harness knows it (without the binary's name).
+    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+    let name = format!("{module}::a_result_file_whose_last_write_fails_is_not_taken_for_whole");
+    let child = std::process::Command::new("bash")
+        .arg("-c")
+        // An ignored signal stays ignored across `exec`.
+        .arg(r#"ulimit -f 1 && trap '' XFSZ && exec "$0" "$@""#)
+        .arg(std::env::current_exe().unwrap())
+        .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(UNDER_A_FILE_SIZE_LIMIT, "1")
+        .output();
+    let child = match child {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("skipped: no bash to set a file-size limit with");
+            }
+            return;
+        }
+        Err(e) => panic!("cannot start bash: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&child.stdout);
+    let stderr = String::from_utf8_lossy(&child.stderr);
+    assert!(
+        child.status.success() && stdout.contains(CHECKED_UNDER_THE_LIMIT),
+        "under the limit ({}):\n{stdout}\n{stderr}",
+        child.status
+    );
+}
