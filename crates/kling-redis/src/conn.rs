@@ -1,6 +1,7 @@
 //! [`RedisConfig`] and [`Connection`]: one auto-reconnecting Redis connection, its key prefix,
 //! its command timeout and the fleet's shared clock.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -63,8 +64,13 @@ const MAX_RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
 /// assert_eq!(RedisConfig::new("not a url").validate().unwrap_err().field(), "url");
 /// ```
 ///
-/// `Debug` shows the URL without its user and password (nor a `user` or `pass` query
-/// parameter's value).
+/// `Debug` shows the URL without anything the `redis` crate would read from it as a user or a
+/// password: the userinfo is shown as `***@`, and the value of a `user` or `pass` query
+/// parameter (a Unix socket URL's, its name percent-encoded or not) as `***`, with the
+/// query's parameters without a value, and with either, the fragment (where a password with a
+/// raw `&` or `#` left the rest of it). A URL the `redis` crate refuses, or one with an `@` past its
+/// authority, has a shape that cannot be read with certainty: everything from its scheme to
+/// its last `@`, and its query and fragment, are hidden.
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct RedisConfig {
@@ -92,58 +98,101 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-/// `url` with any `user:password@` replaced by `***@`, and the values of a `user` or `pass`
-/// query parameter (where a Unix socket URL carries them) by `***`: a Redis URL may carry its
-/// password. In a URL the `redis` crate accepts, the user and password are percent-encoded, so
-/// the authority ends at the first `/`, `?` or `#`; in one it does not (a raw `/` in a base64
+/// `url` as [`RedisConfig`]'s `Debug` shows it: without anything the `redis` crate reads from
+/// it as a user or a password, nor what may be the rest of one.
+///
+/// A URL the `redis` crate accepts is shown as it parses it (with the `url` crate, which drops
+/// tabs and newlines and percent-decodes query names): the user and password replaced by
+/// `***@`, and the value of every query parameter whose decoded name is `user` or `pass`
+/// (where a Unix socket URL carries them, also as `p%61ss`) by `***`, and with it the query's
+/// parameters without a value; once either is hidden, the fragment too (but `#insecure`): a
+/// password with a raw `&` or `#` left the rest of it there. Any other URL's shape cannot be read
+/// with certainty ([`unread`]): one the `redis` crate refuses (a raw `/`, `?` or `#` in a
 /// password makes it invalid: just when a user prints the configuration to see what is
-/// wrong), they cannot be told from the rest, and everything up to the last `@` is hidden.
-fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.into();
+/// wrong), or one with an `@` past its authority (`redis://user:12#ab@host` is host `user`,
+/// port 12: a password cut short).
+fn without_userinfo(url: &str) -> Cow<'_, str> {
+    let Some(mut parsed) = redis::parse_redis_url(url) else {
+        return unread(url);
     };
-    let at = if redis::Client::open(url).is_ok() {
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        rest[..authority_end].rfind('@')
-    } else {
-        rest.rfind('@')
-    };
-    let after = at.map_or(rest, |at| &rest[at + 1..]);
-    let Some((before_query, query)) = after.split_once('?') else {
-        return match at {
-            Some(_) => format!("{scheme}://***@{after}").into(),
-            None => url.into(),
-        };
-    };
-    let (query, fragment) = match query.split_once('#') {
-        Some((query, fragment)) => (query, Some(fragment)),
-        None => (query, None),
-    };
-    let secret = |pair: &str| pair.starts_with("pass=") || pair.starts_with("user=");
-    if at.is_none() && !query.split('&').any(secret) {
+    let past_authority = [Some(parsed.path()), parsed.query(), parsed.fragment()];
+    if past_authority
+        .into_iter()
+        .flatten()
+        .any(|part| part.contains('@'))
+        || redis::Client::open(parsed.clone()).is_err()
+    {
+        return unread(url);
+    }
+    let mut hidden = false;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        if parsed.set_password(None).is_err() || parsed.set_username("***").is_err() {
+            return unread(url);
+        }
+        hidden = true;
+    }
+    if let Some(query) = parsed.query() {
+        // The names as the `redis` crate reads them (`form_urlencoded`: the non-empty
+        // `&`-separated parts, each name up to its first `=`, decoded).
+        let names: Vec<String> = parsed.query_pairs().map(|(name, _)| name.into()).collect();
+        let parts: Vec<&str> = query.split('&').filter(|part| !part.is_empty()).collect();
+        if names.len() != parts.len() {
+            return unread(url);
+        }
+        let secret = |name: &str| name == "user" || name == "pass";
+        if names.iter().any(|name| secret(name)) {
+            let shown: Vec<String> = parts
+                .iter()
+                .zip(&names)
+                .map(|(part, name)| match part.split_once('=') {
+                    Some((raw, _)) if secret(name) => format!("{raw}=***"),
+                    Some(_) => (*part).to_owned(),
+                    None => "***".to_owned(),
+                })
+                .collect();
+            parsed.set_query(Some(&shown.join("&")));
+            hidden = true;
+        }
+    }
+    if hidden
+        && parsed
+            .fragment()
+            .is_some_and(|fragment| fragment != "insecure")
+    {
+        parsed.set_fragment(Some("***"));
+    }
+    if !hidden {
         return url.into();
     }
-    let mut shown = format!("{scheme}://");
+    parsed.to_string().into()
+}
+
+/// A URL whose shape cannot be read with certainty, shown with everything between its scheme
+/// and its last `@` hidden (`***@`), and its query and fragment (`?***`, `#***`).
+fn unread(url: &str) -> Cow<'_, str> {
+    let start = url
+        .find("://")
+        .map(|at| at + 3)
+        .or_else(|| url.find(':').map(|at| at + 1))
+        .unwrap_or(0);
+    let (scheme, rest) = url.split_at(start);
+    let at = rest.rfind('@');
+    let rest = at.map_or(rest, |at| &rest[at + 1..]);
+    let query = rest.find(['?', '#']);
+    if at.is_none() && query.is_none() {
+        return url.into();
+    }
+    let mut shown = String::from(scheme);
     if at.is_some() {
         shown.push_str("***@");
     }
-    shown.push_str(before_query);
-    shown.push('?');
-    for (i, pair) in query.split('&').enumerate() {
-        if i > 0 {
-            shown.push('&');
+    match query {
+        Some(query) => {
+            shown.push_str(&rest[..query]);
+            shown.push_str(&rest[query..=query]);
+            shown.push_str("***");
         }
-        match pair.split_once('=') {
-            Some((name, _)) if secret(pair) => {
-                shown.push_str(name);
-                shown.push_str("=***");
-            }
-            _ => shown.push_str(pair),
-        }
-    }
-    if let Some(fragment) = fragment {
-        shown.push('#');
-        shown.push_str(fragment);
+        None => shown.push_str(rest),
     }
     shown.into()
 }
@@ -999,11 +1048,27 @@ mod tests {
             assert!(!shown.contains("hunter2"), "{shown}");
             assert!(shown.contains("***@"), "{shown}");
         }
-        let shown = format!("{:?}", RedisConfig::new("redis://127.0.0.1:6379/?name=a@b"));
+        let shown = format!(
+            "{:?}",
+            RedisConfig::new("redis://127.0.0.1:6379/?protocol=3")
+        );
         assert!(
-            shown.contains("redis://127.0.0.1:6379/?name=a@b"),
+            shown.contains("redis://127.0.0.1:6379/?protocol=3"),
             "{shown}"
         );
+        // An `@` past the authority may end a password cut short (by a raw `#` here: host
+        // `admin`, port 12): what follows the scheme up to it, and the query, are hidden.
+        for (url, hidden) in [
+            ("redis://admin:12#34@10.0.0.5/", "redis://***@10.0.0.5/"),
+            ("redis://127.0.0.1:6379/?name=a@b", "redis://***@b"),
+            ("redis://:a/b@10.0.0.5/?pass=c", "redis://***@10.0.0.5/?***"),
+        ] {
+            let shown = format!("{:?}", RedisConfig::new(url));
+            assert!(
+                shown.contains(&format!("url: \"{hidden}\"")),
+                "{url}: {shown}"
+            );
+        }
     }
 
     /// A Unix socket URL carries its user and password in the query (`?user=…&pass=…`, which

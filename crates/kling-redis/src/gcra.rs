@@ -611,6 +611,13 @@ return {-1, streak, top()}
 ///   background), so the fleet pauses and counts the 1302 in its streak. With
 ///   [`WhenUnreachable::Fallback`], the fallback starts from the end of the fleet's pause of
 ///   the key that Redis last told this process of.
+/// - **A pause outlives a Redis that loses it**: the end of a key's pause that Redis told
+///   this process of (a refusal, a report's reply) holds in its decisions for the key until
+///   then, without asking Redis, in every mode: Redis restarted empty, or failed over to a
+///   replica that had not heard of the pause, would admit the whole fleet at once into the
+///   server that just refused. A process that never heard of the pause is not held, and the
+///   key's 1302 streak is not sent again (the next 1302 starts a new one). While no pause
+///   heard of runs, this costs a decision one load and one comparison.
 /// - **A lost answer is not paid for twice**: a decision whose answer is lost (a timeout, a
 ///   dropped connection, or its request dropped while it was on its way) may have been run and
 ///   admitted by Redis, and the layer then asks again. Each ask of this process for a key is
@@ -688,9 +695,17 @@ struct Inner {
     /// One delivery at a time, so pauses reach Redis in the order they came.
     delivering: tokio::sync::Mutex<()>,
     /// The end of the fleet's pause of each key as Redis last told this process (a refusal
-    /// or a report's reply), by Redis key: where the fallback starts from when Redis goes
-    /// away during it.
+    /// or a report's reply), by Redis key: held here until it ends ([`Inner::heard_hold`]),
+    /// should Redis lose it (a restart, a failover to a lagging replica), and where the
+    /// fallback starts from when Redis goes away during it.
     heard: Mutex<HashMap<String, Instant>>,
+    /// The latest end in `heard`, nanoseconds past `epoch`, or 0 once a decision found it
+    /// past: while no pause heard of runs, a decision reads this and nothing more. Raised
+    /// under `heard`'s lock; only [`Inner::heard_hold`] lowers it, to 0, from the value it
+    /// read.
+    heard_until: AtomicU64,
+    /// What `heard_until` counts from.
+    epoch: Instant,
     acquire: Script,
     acquire_class: Script,
     feedback: Script,
@@ -756,6 +771,8 @@ impl RedisGcra {
                 to_deliver: AtomicBool::new(false),
                 delivering: tokio::sync::Mutex::new(()),
                 heard: Mutex::new(HashMap::new()),
+                heard_until: AtomicU64::new(0),
+                epoch: Instant::now(),
                 acquire: Script::new(&format!(
                     "local USAGE_BUCKETS = {USAGE_BUCKETS}\n{QUEUE}{GCRA_FN}{ACQUIRE_BODY}"
                 )),
@@ -1817,14 +1834,43 @@ impl Inner {
         let mut heard = lock(&self.heard);
         if let Some(known) = heard.get_mut(redis_key) {
             *known = (*known).max(until);
-            return;
+        } else {
+            // Bounded by the keys paused now: those whose pause ended go first.
+            if heard.len() >= MAX_UNDELIVERED {
+                let now = Instant::now();
+                heard.retain(|_, until| *until > now);
+            }
+            heard.insert(redis_key.to_owned(), until);
         }
-        // Bounded by the keys paused now: those whose pause ended go first.
-        if heard.len() >= MAX_UNDELIVERED {
-            let now = Instant::now();
-            heard.retain(|_, until| *until > now);
+        // (Never 0, which says no pause heard of runs.)
+        let after_epoch = until.saturating_duration_since(self.epoch).as_nanos();
+        let after_epoch = u64::try_from(after_epoch).unwrap_or(u64::MAX).max(1);
+        self.heard_until.fetch_max(after_epoch, Ordering::Relaxed);
+    }
+
+    /// The end of the fleet's pause of `redis_key` that Redis last told this process of, if
+    /// it holds now. Pauses only ever get longer in Redis, so what it said holds until then,
+    /// whatever a Redis that lost it (restarted empty, or failed over to a replica that had
+    /// not heard of it) says meanwhile. While no pause heard of runs (the usual decision,
+    /// also once the last one ended and a decision found it past), one load and one
+    /// comparison.
+    fn heard_hold(&self, redis_key: &str) -> Option<Instant> {
+        let latest = self.heard_until.load(Ordering::Relaxed);
+        if latest == 0 {
+            return None;
         }
-        heard.insert(redis_key.to_owned(), until);
+        let now = Instant::now();
+        if now >= self.epoch + Duration::from_nanos(latest) {
+            // Every pause heard of ended. (Unless another was heard since, raising it.)
+            let _ =
+                self.heard_until
+                    .compare_exchange(latest, 0, Ordering::Relaxed, Ordering::Relaxed);
+            return None;
+        }
+        lock(&self.heard)
+            .get(redis_key)
+            .copied()
+            .filter(|until| *until > now)
     }
 
     /// The decision when Redis failed with `e`: [`WhenUnreachable`]'s choice if it is out of
@@ -1887,7 +1933,8 @@ impl Inner {
         processes: u32,
     ) -> Policy {
         let policy = share(policy, processes);
-        let heard = lock(&self.heard).remove(redis_key);
+        // (Kept: it holds once Redis is back, should Redis have lost it.)
+        let heard = lock(&self.heard).get(redis_key).copied();
         let now = Instant::now();
         if let Some(until) = heard.filter(|until| *until > now) {
             // A `Retry-After` to that end: the fallback pauses, its streak unmoved.
@@ -1949,6 +1996,13 @@ impl RedisGcra {
             if inner.paused_here.load(Ordering::Relaxed)
                 && let Some(until) = inner.held_pause(&redis_key, Instant::now())
             {
+                return Ok(Decision::NotBefore {
+                    at: until,
+                    cooldown: true,
+                });
+            }
+            // So does the fleet's pause Redis told this process of, should Redis lose it.
+            if let Some(until) = inner.heard_hold(&redis_key) {
                 return Ok(Decision::NotBefore {
                     at: until,
                     cooldown: true,
@@ -2031,7 +2085,7 @@ impl RedisGcra {
     /// `account`): both turns in one script, or neither ([`ACQUIRE_CLASS_BODY`]). It takes no
     /// place in either key's fleet queue, as [`Backend::acquire_or_refuse`]. A pause of either
     /// key that Redis did not take holds here first, the class's before the account's, as
-    /// when each is asked apart.
+    /// when each is asked apart; then one that Redis told this process of.
     ///
     /// It is not sent again when its answer is lost (a timeout after Redis ran it): that would
     /// take a second turn. Such an ask is answered as Redis being away ([`WhenUnreachable`]),
@@ -2064,6 +2118,15 @@ impl RedisGcra {
                             cooldown: true,
                         });
                     }
+                }
+            }
+            // So does the fleet's pause Redis told this process of, should Redis lose it.
+            for redis_key in [&class_redis, &account_redis] {
+                if let Some(until) = inner.heard_hold(redis_key) {
+                    return Ok(Decision::NotBefore {
+                        at: until,
+                        cooldown: true,
+                    });
                 }
             }
             if inner.to_deliver.load(Ordering::Relaxed)
@@ -2518,6 +2581,64 @@ mod tests {
             gcra.acquire(&class, &policy).await.unwrap(),
             Decision::Admit
         );
+    }
+
+    /// A pause Redis told of holds each decision of its key until it ends, without asking
+    /// Redis (here, one that cannot be reached, in `Fail` mode: asked, it would fail), a
+    /// class request's by its account's too; and the summary that spares the usual decision
+    /// a lock (`heard_until`) stays in step with the pauses heard of: a pause of another key
+    /// ending sooner does not lower it, it holds while any pause runs, and once the last one
+    /// ended, a decision sets it back to nothing, until another pause is heard of.
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_heard_of_holds_its_key_until_it_ends_and_then_costs_one_load() {
+        let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
+        let gcra = RedisGcra::new(conn).when_unreachable(WhenUnreachable::Fail);
+        let inner = &gcra.inner;
+        let policy = Policy::new(Quota::per_second(1.0), Cooldown::default());
+        let (a, b) = (
+            BucketKey::account(Some(AccountId::new("a"))),
+            BucketKey::account(Some(AccountId::new("b"))),
+        );
+        let class = BucketKey::class(Some(AccountId::new("a")), kling_core::RequestKind::Account);
+        let (a_key, b_key) = (gcra.key_of(&a), gcra.key_of(&b));
+        let now = Instant::now();
+        assert_eq!(inner.heard_hold(&a_key), None);
+        assert_eq!(inner.heard_until.load(Ordering::Relaxed), 0);
+        inner.heard_pause(&a_key, now + Duration::from_secs(10));
+        inner.heard_pause(&b_key, now + Duration::from_secs(2));
+        let held = |at: Instant| Decision::NotBefore { at, cooldown: true };
+        assert_eq!(
+            gcra.acquire(&a, &policy).await.unwrap(),
+            held(now + Duration::from_secs(10))
+        );
+        assert_eq!(
+            gcra.acquire(&b, &policy).await.unwrap(),
+            held(now + Duration::from_secs(2))
+        );
+        let both = gcra
+            .acquire_class_or_refuse(&class, &policy, &a, &policy, &mut None)
+            .expect("decided in one step");
+        assert_eq!(both.await.unwrap(), held(now + Duration::from_secs(10)));
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // `b`'s ended: asked, Redis cannot be reached. `a`'s still holds.
+        assert!(gcra.acquire(&b, &policy).await.is_err());
+        assert_ne!(inner.heard_until.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            gcra.acquire(&a, &policy).await.unwrap(),
+            held(now + Duration::from_secs(10))
+        );
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert!(gcra.acquire(&a, &policy).await.is_err());
+        assert_eq!(inner.heard_until.load(Ordering::Relaxed), 0);
+        assert_eq!(inner.heard_hold(&b_key), None);
+
+        // Heard of again (after the reset), and longer than the one heard before.
+        let later = Instant::now() + Duration::from_secs(5);
+        inner.heard_pause(&b_key, later);
+        inner.heard_pause(&b_key, later - Duration::from_secs(1));
+        assert_eq!(gcra.acquire(&b, &policy).await.unwrap(), held(later));
+        assert!(gcra.acquire(&a, &policy).await.is_err());
     }
 
     /// A key's asks are numbered one after the other; one that ends without its answer is

@@ -1,6 +1,7 @@
 //! A Redis that refuses the configured credentials (a wrong password, none given to a server
 //! that requires one, a password changed on the server): a configuration error, said so at
-//! connect and at run time, never taken for an unreachable Redis.
+//! connect and at run time, never taken for an unreachable Redis. And the credentials in the
+//! `url` are never shown.
 
 use std::time::Duration;
 
@@ -512,4 +513,59 @@ async fn the_wake_up_connection_refused_the_password_retries_slowly_says_so_and_
     }
     // The commands' connection was never refused: the slots still work.
     drop(slots.acquire(key, 1).await.unwrap());
+}
+
+/// `RedisConfig`'s `Debug` never shows what the `redis` crate reads from the `url` as a user
+/// or a password: a Unix socket URL's `user` and `pass` query parameters, with one slash
+/// after the scheme or three, a percent-encoded parameter name (the `redis` crate decodes it),
+/// one with a tab in it (the `url` crate drops tabs), and a password in the userinfo. What is
+/// no secret is still shown.
+#[test]
+fn debug_never_shows_a_password_the_redis_crate_reads() {
+    let mut leaks = Vec::new();
+    for url in [
+        "unix:/run/redis.sock?pass=hunter2",
+        "unix:/run/redis.sock?user=admin&pass=hunter2",
+        "redis+unix:/run/redis.sock?db=1&pass=hunter2",
+        "redis+unix:///run/redis.sock?p%61ss=hunter2",
+        "redis+unix:///run/redis.sock?%75ser=admin&pass=hunt%65r2",
+        "unix:///run/redis.sock?pa\tss=hunter2&us\ner=admin",
+        "redis+unix:///run/redis.sock?pass=other&pass=hunter2",
+        "redis://admin:hunter2@10.0.0.5:6379/0",
+        "redis://:hunt%65r2@10.0.0.5/",
+    ] {
+        let client = redis::Client::open(url).expect("the redis crate accepts it");
+        let settings = client.get_connection_info().redis_settings();
+        assert_eq!(settings.password(), Some("hunter2"), "{url}");
+        assert!(RedisConfig::new(url).validate().is_ok(), "{url}");
+        let shown = format!("{:?}", RedisConfig::new(url));
+        if ["hunt", "admin"]
+            .iter()
+            .any(|secret| shown.contains(secret))
+        {
+            leaks.push((url, shown));
+        }
+    }
+    assert!(leaks.is_empty(), "{leaks:#?}");
+    for (url, shown) in [
+        (
+            "redis+unix:/run/redis.sock?db=1&pass=hunter2",
+            "redis+unix:/run/redis.sock?db=1&pass=***",
+        ),
+        (
+            "redis+unix:///run/redis.sock?p%61ss=hunter2&protocol=3",
+            "redis+unix:///run/redis.sock?p%61ss=***&protocol=3",
+        ),
+        (
+            "redis://admin:hunter2@10.0.0.5:6379/0?protocol=3",
+            "redis://***@10.0.0.5:6379/0?protocol=3",
+        ),
+        ("redis://10.0.0.5:6379/2", "redis://10.0.0.5:6379/2"),
+    ] {
+        let debug = format!("{:?}", RedisConfig::new(url));
+        assert!(
+            debug.contains(&format!("url: \"{shown}\"")),
+            "{url}: {debug}"
+        );
+    }
 }

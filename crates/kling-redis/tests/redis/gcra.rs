@@ -1641,8 +1641,11 @@ async fn past_the_bound_on_kept_pauses_every_keys_latest_end_reaches_the_fleet()
     assert!(until >= received + Duration::from_secs(25), "{until:?}");
     // The other key's reports are delivered one by one: once the last is, the fleet pauses
     // it to their latest end (fleet time back to this process's clock: within a few ms).
+    // Asked by a process that never heard of the key's pause: one that heard of an earlier
+    // end holds it without asking Redis until then.
     loop {
-        let decision = other.acquire(&noisy, &policy).await;
+        let fresh = RedisGcra::new(other.connection().clone());
+        let decision = fresh.acquire(&noisy, &policy).await;
         if let Ok(Decision::NotBefore { at, cooldown: true }) = decision
             && at + Duration::from_millis(50) >= latest
         {
@@ -1684,6 +1687,143 @@ async fn the_fallback_keeps_the_fleets_pause_this_process_heard_of() {
             }
             other => panic!("the fallback admits during the fleet's pause: {other:?}"),
         }
+    }
+}
+
+/// Asks `backend` for a cell of `key` until Redis answers it (`Wait` mode: a `NotBefore`
+/// without cooldown, or a command timeout, while Redis is away or restarting), for `limit` at
+/// most; a refusal by the key's pace is asked again too. The first other answer.
+async fn first_answer(
+    backend: &RedisGcra,
+    key: &BucketKey,
+    policy: &Policy,
+    limit: Duration,
+) -> Result<Decision, kling_ratelimit::error::BackendError> {
+    let give_up = tokio::time::Instant::now() + limit;
+    loop {
+        let decision = backend.acquire(key, policy).await;
+        let away = matches!(
+            decision,
+            Ok(Decision::NotBefore {
+                cooldown: false,
+                ..
+            })
+        ) || decision
+            .as_ref()
+            .is_err_and(|e| e.kind() == kling_ratelimit::error::BackendErrorKind::Unreachable);
+        if !away || tokio::time::Instant::now() >= give_up {
+            return decision;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A fleet's pause (a 1302 with a 30 s `Retry-After`) outlives a Redis that loses it: one
+/// restarted empty, or one that comes back with a snapshot from before the pause (a failover
+/// to a lagging replica). Each process that knew of it (the one that reported it, one Redis
+/// refused during it) holds it until it ends, as it holds a pause Redis did not take: before,
+/// both were admitted by the new Redis at once, 29 s before the end of the pause the server
+/// had asked for. The control, a process that never heard of the pause, is admitted: the new
+/// Redis has indeed forgotten it. (What is lost with it: the processes that never heard of
+/// it, and the 1302 streak.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_the_fleet_knew_of_outlives_a_redis_restart() {
+    for from_snapshot in [false, true] {
+        let Some(mut server) = redis() else { return };
+        let reporter = RedisGcra::new(impatient(&server).await);
+        let refused = RedisGcra::new(impatient(&server).await);
+        let unaware = RedisGcra::new(impatient(&server).await);
+        let key = BucketKey::account(Some(AccountId::new("acct")));
+        let policy = Policy::new(Quota::per_second(10.0), Cooldown::default());
+        assert_eq!(
+            reporter.acquire(&key, &policy).await.unwrap(),
+            Decision::Admit
+        );
+        if from_snapshot {
+            server.save().unwrap();
+        }
+        let now = tokio::time::Instant::now();
+        let resume_at = now + Duration::from_secs(30);
+        let pause = Feedback::Pause {
+            sent_at: now,
+            received_at: now,
+            resume_at: Some(resume_at),
+            throttled: true,
+        };
+        let reported = reporter.feedback(&key, &policy, pause).await.unwrap();
+        assert!(reported.cooldown_until.is_some(), "{reported:?}");
+        let told = refused.acquire(&key, &policy).await.unwrap();
+        assert!(
+            matches!(told, Decision::NotBefore { cooldown: true, .. }),
+            "{told:?}"
+        );
+
+        if from_snapshot {
+            server.restart_from_snapshot().unwrap();
+        } else {
+            server.restart().unwrap();
+        }
+        for (name, backend) in [("reporter", &reporter), ("refused", &refused)] {
+            let decision = first_answer(backend, &key, &policy, Duration::from_secs(5)).await;
+            match decision {
+                Ok(Decision::NotBefore { at, cooldown: true }) => assert!(
+                    at + Duration::from_millis(50) >= resume_at,
+                    "{name} (snapshot: {from_snapshot}): held until {:?} of a 30 s pause",
+                    at - now
+                ),
+                other => panic!(
+                    "{name} (snapshot: {from_snapshot}): {other:?} {:?} into a 30 s pause",
+                    now.elapsed()
+                ),
+            }
+        }
+        let control = first_answer(&unaware, &key, &policy, Duration::from_secs(5)).await;
+        assert!(
+            matches!(control, Ok(Decision::Admit)),
+            "snapshot: {from_snapshot}: redis kept the pause? {control:?}"
+        );
+    }
+}
+
+/// The control of the one above: a pause that ended before Redis restarted holds nobody.
+/// The processes that knew of it are admitted as soon as the new Redis answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_that_ended_before_a_redis_restart_holds_nobody() {
+    let Some(mut server) = redis() else { return };
+    let reporter = RedisGcra::new(impatient(&server).await);
+    let refused = RedisGcra::new(impatient(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("acct")));
+    let policy = Policy::new(Quota::per_second(10.0), Cooldown::default());
+    assert_eq!(
+        reporter.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    let now = tokio::time::Instant::now();
+    let resume_at = now + Duration::from_millis(300);
+    let pause = Feedback::Pause {
+        sent_at: now,
+        received_at: now,
+        resume_at: Some(resume_at),
+        throttled: true,
+    };
+    let reported = reporter.feedback(&key, &policy, pause).await.unwrap();
+    // (The 1302's own pause, the cooldown's first second, is the longer.)
+    let until = reported.cooldown_until.expect("the fleet is paused");
+    let told = refused.acquire(&key, &policy).await.unwrap();
+    let Decision::NotBefore { at, cooldown: true } = told else {
+        panic!("the fleet is not paused: {told:?}");
+    };
+    let until = until.max(at);
+    assert!(until < now + Duration::from_secs(2), "{:?}", until - now);
+    tokio::time::sleep_until(until + Duration::from_millis(50)).await;
+
+    server.restart().unwrap();
+    for (name, backend) in [("reporter", &reporter), ("refused", &refused)] {
+        let decision = first_answer(backend, &key, &policy, Duration::from_secs(5)).await;
+        assert!(
+            matches!(decision, Ok(Decision::Admit)),
+            "{name}: {decision:?} after the pause ended"
+        );
     }
 }
 
