@@ -226,13 +226,14 @@ local function maintain(pk, interval)
       -- id (the create's answer never came). A grant (`=expired`) is no task that ended: its
       -- create was never answered in time (its process stopped, or the create outlasted the
       -- lease), and, should it be answered, its hold counts the task anew, counted at its
-      -- end. Warned of, not counted.
+      -- end. Warned of, not counted, and, as no task of it ended, it brings no hidden slot
+      -- back (its task's end would bring a second).
       local rec = cjson.decode(raw)
       local why = 'expired'
       if rec.k == 'g' then why = '=expired'
       elseif rec.id and rec.ext then why = 'expired:' .. rec.ext
       elseif rec.ext then why = 'expired?' end
-      release(pk, h, rec, why)
+      release(pk, h, rec, why, rec.k == 'g')
     else
       redis.call('ZREM', pk .. ':l', h)
     end

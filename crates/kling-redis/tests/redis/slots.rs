@@ -1217,6 +1217,45 @@ async fn a_grant_whose_lease_ran_out_before_its_hold_counts_its_task_once() {
     assert_eq!(warnings, 2, "the grant's and t2's leases are warned of");
 }
 
+/// A grant whose lease runs out before its create is answered brings no slot hidden by a
+/// `1303` back: no task of it ended (should its create have made one, the hold counts it anew
+/// and its end brings one back). Before, the grant's release brought one back as a task's end
+/// does, and the task's end another: one task, two hidden slots back.
+#[tokio::test]
+async fn a_grant_whose_lease_ran_out_brings_no_hidden_slot_back() {
+    let Some(server) = redis() else { return };
+    let short = Duration::from_millis(300);
+    let one = RedisSlots::new(connect(&server).await, SlotsConfig::new(3).lease(short))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .grace(Duration::from_millis(300));
+    kling_redis::testing::hold_maintenance(&one, true);
+    let two = backend(&server, 3).await;
+    // A create granted in process one, its answer slower than the lease.
+    let slow = one.acquire(video(), 1).await.unwrap();
+    // Another create, refused 1303 with the slow one's slot in use: two slots hidden.
+    let refused = two.acquire(video(), 1).await.unwrap();
+    two.apply(SlotOp::Congested(refused)).await.unwrap();
+    assert_eq!(in_use_and_capacity(&two).await, (1, 1), "two slots hidden");
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    assert_eq!(
+        in_use_and_capacity(&two).await,
+        (0, 1),
+        "the grant's lease ran out: no task ended, so no hidden slot came back"
+    );
+    // The control: the task its hold then counts anew brings one back at its end.
+    one.apply(hold(slow, "t1", LONG)).await.unwrap();
+    assert_eq!(in_use_and_capacity(&two).await, (1, 1));
+    two.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(
+        in_use_and_capacity(&two).await,
+        (0, 2),
+        "its end brings one back"
+    );
+}
+
 /// Each process's `kling_slots_in_use` shows the slots it holds, so the processes' gauges add
 /// up to the fleet's use; a holding another process released leaves at its next maintenance.
 #[tokio::test]
