@@ -44,7 +44,9 @@ pub enum StopReason {
     /// made a billed task (a 5xx, a timeout, a reset after sending, or a final refusal of a
     /// re-sent create such as `1201` "duplicate external task id"), and the call stopped before a
     /// lookup by that id settled it: the attempts or the retry budget ran out, or the lookup
-    /// itself was refused for good, answered without a task it could read, or failed below.
+    /// itself was refused for good, answered without a task it could read, or failed below; or
+    /// a re-sent create was refused `1200`/`1201` (perhaps the answer to the duplicate id of
+    /// the task an earlier attempt made) and the lookup after the settle time found no task yet.
     ///
     /// The task may exist and be billed. Look it up by [`Failed::external_id`]
     /// (`GET {create path}/{id}`, or `GET /tasks?external_task_ids={id}`) before doing anything

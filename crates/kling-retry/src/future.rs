@@ -115,6 +115,13 @@ struct Pending<B> {
     /// Set when the lookup checks a final refusal of a re-sent create (say `1201` "duplicate
     /// external task id"): what the call returns if the lookup finds no task.
     final_answer: Option<ApiError>,
+    /// Why the call ends with [`final_answer`](Self::final_answer) if the lookup finds no task:
+    /// [`StopReason::NotRetryable`] (the refusal stands, it made nothing), unless the refusal
+    /// may be the server's answer to the duplicate external id of a task an earlier attempt of
+    /// the call may have made: then a "not found" does not rule that task out (the server may
+    /// not find it by its id yet), and the create stays unresolved
+    /// ([`StopReason::CreateUnresolved`]).
+    if_not_found: StopReason,
     /// Why the call ends if the lookup cannot be sent (the attempt limit, the budget, the
     /// deadline) or settle the create: [`StopReason::CreateUnresolved`] unless it checks a
     /// first answer that made nothing for sure unless the task existed before (a `1201`:
@@ -386,6 +393,13 @@ fn unknown_post<B>(recognized: &Recognized, request: &Request<B>) -> bool {
         && !(recognized.answers_at_once && kling_core::Route::written_plainly(request.uri().path()))
 }
 
+/// Whether a final refusal with `code` may be how the server answers a create whose external id
+/// it has seen (`1200`/`1201`: what Kling answers a duplicate `external_task_id` with is
+/// unconfirmed, and kling-mock answers `1201`).
+fn may_answer_a_duplicate(code: Code) -> bool {
+    matches!(code, Code::InvalidRequest | Code::InvalidParameter)
+}
+
 /// Far enough ahead to never arrive, near enough to never overflow.
 fn far_future(now: Instant) -> Instant {
     now + Duration::from_secs(86_400 * 365 * 30)
@@ -584,9 +598,13 @@ where
                 }
                 Lookup::NotFound => {
                     let pending = self.retry.as_mut().and_then(|retry| retry.lookup.take());
-                    if let Some(answer) = pending.and_then(|pending| pending.final_answer) {
-                        // The re-sent create's refusal stands: no task was made.
-                        return Some(self.fail(StopReason::NotRetryable, Last::Api(answer)));
+                    if let Some(pending) = pending
+                        && let Some(answer) = pending.final_answer
+                    {
+                        // The refusal stands (no task was made), or, when it may be the answer
+                        // to a duplicate id of an earlier attempt's task, the create stays
+                        // unresolved: see `Pending::if_not_found`.
+                        return Some(self.fail(pending.if_not_found, Last::Api(answer)));
                     }
                     return Some(self.resend_after_lookup());
                 }
@@ -900,8 +918,7 @@ where
             .is_some_and(|retry| retry.external_id.is_some());
         // (An id this layer generated for the call is fresh: no earlier call used it.)
         let maybe_duplicate =
-            matches!(answer.code(), Code::InvalidRequest | Code::InvalidParameter)
-                && !self.template.generated_id();
+            may_answer_a_duplicate(answer.code()) && !self.template.generated_id();
         // A final answer that may still have made a task (a code Kling does not document,
         // under HTTP 200): looked up too, and without an id reported as a create that may have
         // happened, as the task slots and a spend guard read it.
@@ -939,6 +956,7 @@ where
                 external_id,
                 new_style,
                 final_answer: None,
+                if_not_found: StopReason::NotRetryable,
                 if_unsent: StopReason::CreateUnresolved,
                 sent: false,
             })),
@@ -947,10 +965,12 @@ where
     }
 
     /// Looks the create up again after a final refusal of its re-sent attempt: found, the
-    /// caller gets the task ([`Recovered`]); not found, `answer`. It goes at once (after the
-    /// settle time when `answer` itself may have made the task) and counts as an attempt;
-    /// stopped by the attempt limit, the deadline or the budget, the call ends with the create
-    /// unresolved.
+    /// caller gets the task ([`Recovered`]); not found, `answer`. It goes at once, or after the
+    /// settle time when `answer` itself may have made the task, or may be the answer to a
+    /// duplicate id of a task an earlier attempt may have made (then, not found, the create is
+    /// left unresolved, not refused: the task may exist yet not be found by its id). It counts
+    /// as an attempt; stopped by the attempt limit, the deadline or the budget, the call ends
+    /// with the create unresolved.
     fn confirm(&mut self, answer: ApiError) -> Step {
         let last = Last::Api(answer.clone());
         let earlier = self
@@ -960,6 +980,13 @@ where
         // A create that may have made a task and has an id to look it up by is unresolved
         // until the lookup settles it, whichever attempt may have made it.
         let made = answer.may_have_created();
+        // An earlier attempt may have made the task under this id, and the refusal may be the
+        // server's answer to that duplicate id (a `1201`; the id the layer generated included:
+        // the earlier attempt used it). A lookup at once that finds nothing proves nothing
+        // (the task may be queued, or not yet found by its id): it waits the settle time, and
+        // "not found" leaves the create unresolved, never a refusal that made nothing (a
+        // caller who fixes the job and sends it again would bill the task twice).
+        let duplicate = earlier && may_answer_a_duplicate(answer.code());
         let if_unsent = if earlier || made {
             StopReason::CreateUnresolved
         } else {
@@ -978,6 +1005,9 @@ where
             }
         };
         pending.final_answer = Some(answer);
+        if duplicate {
+            pending.if_not_found = StopReason::CreateUnresolved;
+        }
         pending.if_unsent = if_unsent;
         let retry = self.retrying();
         if made {
@@ -987,10 +1017,11 @@ where
         }
         retry.lookup = Some(pending);
         retry.next = Sending::Lookup;
-        // An answer that may itself have made the task is looked up once the server had time
-        // to record it, as after a 5000 (see `Backoff::lookup_settle`): a "not found" read at
-        // once would return the answer as a refusal that made nothing.
-        let settle = if made {
+        // An answer that may itself have made the task, or may be the duplicate answer of one
+        // an earlier attempt made, is looked up once the server had time to record it, as
+        // after a 5000 (see `Backoff::lookup_settle`): a "not found" read at once would return
+        // the answer as a refusal that made nothing.
+        let settle = if made || duplicate {
             self.shared().backoff.settle()
         } else {
             Duration::ZERO

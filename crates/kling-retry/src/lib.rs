@@ -105,7 +105,9 @@
 //!   [`generate_external_ids`](RetryLayerBuilder::generate_external_ids) gives every
 //!   recognised create one. Once an attempt may have created a task, a final refusal of a
 //!   later attempt (`1201` "duplicate external task id" when the first create landed after
-//!   all) is looked up again before it is returned.
+//!   all) is looked up again before it is returned; a `1200`/`1201` (perhaps the answer to
+//!   the duplicate id of that task) after the settle time, and if still not found the create
+//!   is left unresolved, not refused.
 //! - **A create left unresolved is said so**: when the call stops while a lookup is still due
 //!   (the attempts, the budget or the deadline run out, the lookup is refused for good or
 //!   answers without a task the layer can read, an error from below stops it), the caller gets

@@ -106,7 +106,9 @@ pub trait Policy: Send + Sync + 'static {
 ///
 /// Once an attempt of a create may have made a task, a final refusal of a later attempt (say
 /// `1201` "duplicate external task id": the first create landed after all) is looked up
-/// again before it is returned (found: the task; not found: the refusal). Whenever the call
+/// again before it is returned (found: the task; not found: the refusal, but for a
+/// `1200`/`1201`, which may be the answer to the duplicate id of that task: looked up after
+/// the settle time, and not found, the create is unresolved). Whenever the call
 /// stops while such a lookup is pending (attempts, budget, a lookup refused for good, an
 /// error from below), it ends with
 /// [`StopReason::CreateUnresolved`](crate::error::StopReason::CreateUnresolved), or a

@@ -1246,13 +1246,17 @@ async fn a_refused_resend_of_a_create_that_landed_late_returns_the_task_it_made(
             ("GET".to_owned(), Some(4)),
         ]
     );
-    // The second lookup goes at once.
+    // The second lookup waits the settle time: the 1201 may be the answer to the duplicate id of
+    // a task the first create made that a lookup at once would not find yet.
     let all = log.all();
-    assert_eq!(all[3].at, all[2].at);
+    assert_eq!(all[3].at, all[2].at + Duration::from_secs(2));
 }
 
+/// The `1201` may be the answer to the duplicate id of a task the first create made (a `5000`
+/// may be a ghost) that the lookups do not find yet: the create is left unresolved, naming its
+/// id, with the refusal as its last answer, never reported as a refusal that made nothing.
 #[tokio::test(start_paused = true)]
-async fn a_refused_resend_whose_lookup_finds_nothing_returns_the_refusal() {
+async fn a_refused_resend_whose_lookup_finds_nothing_is_left_unresolved() {
     let (server, log) = kling(late_landing_kling(|| code(1203)));
     let error = send(
         &layer().layer(server),
@@ -1263,8 +1267,8 @@ async fn a_refused_resend_whose_lookup_finds_nothing_returns_the_refusal() {
     assert_eq!(log.count("POST", "text2video"), 2, "never a third create");
     assert_eq!(log.count("GET", "text2video/job-12"), 2);
     let failed = error.downcast_ref::<Failed>().expect("a Failed");
-    assert_eq!(failed.reason(), StopReason::NotRetryable);
-    assert!(!failed.may_have_created());
+    assert_eq!(failed.reason(), StopReason::CreateUnresolved);
+    assert!(failed.may_have_created());
     assert_eq!(failed.code(), Some(kling_core::Code::InvalidParameter));
     assert_eq!(failed.external_id(), Some("job-12"));
 }
@@ -1285,6 +1289,140 @@ async fn the_lookup_after_a_refused_resend_counts_as_an_attempt() {
     let failed = error.downcast_ref::<Failed>().expect("a Failed");
     assert_eq!(failed.reason(), StopReason::CreateUnresolved);
     assert_eq!(failed.external_id(), Some("job-13"));
+    assert_eq!(failed.code(), Some(kling_core::Code::InvalidParameter));
+}
+
+/// A Kling that makes a task for the first create it takes under an external id and refuses
+/// every later create with that id `1201`, as Kling and kling-mock answer a duplicate
+/// `external_task_id`. The first create's answer is lost (it comes after the per-attempt
+/// timeout, 10 s, under the layer), and lookups see its task only `visible_in` after it arrived
+/// (`None`: never, within the test). Returns the tasks made, by external id.
+fn duplicate_refusing_kling(
+    visible_in: Option<Duration>,
+) -> (Made, impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) {
+    let tasks = Made::default();
+    let made = tasks.clone();
+    let script = move |seen: &Seen, _: usize| {
+        let mut tasks = made.lock().unwrap();
+        if seen.method == Method::POST {
+            let body: serde_json::Value = serde_json::from_str(&seen.body).unwrap();
+            let ext = body["external_task_id"].as_str().unwrap().to_owned();
+            if tasks.iter().any(|(made, _)| *made == ext) {
+                return Reply::Now(code(1201));
+            }
+            let visible = visible_in.map_or_else(
+                || seen.at + Duration::from_secs(86_400 * 365),
+                |visible_in| seen.at + visible_in,
+            );
+            tasks.push((ext.clone(), visible));
+            let answer = task(&format!("t{}", tasks.len()), Some(&ext));
+            return Reply::Later(Duration::from_secs(60), answer);
+        }
+        let wanted = seen.uri.rsplit('/').next().unwrap();
+        let found = tasks
+            .iter()
+            .position(|(ext, visible)| ext == wanted && *visible <= seen.at);
+        Reply::Now(match found {
+            Some(at) => task(&format!("t{}", at + 1), Some(wanted)),
+            None => code(1203),
+        })
+    };
+    (tasks, script)
+}
+
+/// A create whose first answer was lost (a timeout: the task may be made), looked up after the
+/// settle time (not found yet), sent again with the same external id and refused `1201`: the
+/// refusal may be the server's answer to the duplicate id of the task the first attempt made.
+/// A lookup made at once proves nothing (the task may not be found by its id yet), so the layer
+/// looks it up once the server had time to record it: found, the caller gets the task; still
+/// not found, the call ends with the create unresolved, naming its id, never as a refusal that
+/// made nothing (a caller who "fixes the job and sends it again" would bill the task twice).
+/// With the caller's id and with one the layer generated.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_refusal_after_an_attempt_that_may_have_made_the_task_never_says_nothing_was_made()
+ {
+    for (visible_in, body, client) in [
+        (
+            Some(Duration::from_secs(13)),
+            r#"{"external_task_id":"job-60"}"#,
+            layer(),
+        ),
+        (None, r#"{"external_task_id":"job-61"}"#, layer()),
+        (
+            Some(Duration::from_secs(13)),
+            r#"{"prompt":"cat"}"#,
+            generating(60),
+        ),
+        (None, r#"{"prompt":"dog"}"#, generating(61)),
+    ] {
+        let case = format!("{body}, visible after {visible_in:?}");
+        let (tasks, script) = duplicate_refusing_kling(visible_in);
+        let (server, log) = kling(script);
+        let client = client.layer(TimeoutLayer::new(Duration::from_secs(10)).layer(server));
+        let result = send(&client, create(body)).await;
+        let made = tasks.lock().unwrap().clone();
+        assert_eq!(made.len(), 1, "{case}: one task, never two");
+        let ext = made[0].0.clone();
+        assert_eq!(
+            log.count("POST", "text2video"),
+            2,
+            "{case}: never a third create"
+        );
+        match visible_in {
+            Some(_) => {
+                let response = result.unwrap_or_else(|error| panic!("{case}: {error}"));
+                let recovered = response.extensions().get::<Recovered>().expect(&case);
+                assert_eq!(recovered.task_id, "t1", "{case}");
+                assert_eq!(recovered.external_id, ext, "{case}");
+            }
+            None => {
+                let error = result.err().unwrap_or_else(|| panic!("{case}: no error"));
+                let failed = error.downcast_ref::<Failed>().expect(&case);
+                assert_eq!(failed.reason(), StopReason::CreateUnresolved, "{case}");
+                assert!(failed.may_have_created(), "{case}");
+                assert!(kling_core::error::may_have_created(&*error), "{case}");
+                assert_eq!(failed.external_id(), Some(ext.as_str()), "{case}");
+                assert_eq!(
+                    failed.code(),
+                    Some(kling_core::Code::InvalidParameter),
+                    "{case}"
+                );
+            }
+        }
+        let seen = log.all();
+        let last = seen.last().unwrap();
+        assert_eq!(last.method, Method::GET, "{case}");
+        let refused = seen[seen.len() - 2].at;
+        assert!(
+            last.at >= refused + Duration::from_secs(2),
+            "{case}: the lookup after the 1201 went {:?} after it, not after the settle time",
+            last.at - refused
+        );
+    }
+}
+
+/// The control: a `1201` on a first create (nothing before it may have made a task) with the
+/// caller's id is looked up at once and, not found, stays a plain refusal that made nothing.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_refusal_of_a_first_create_is_looked_up_at_once_and_stands() {
+    let (server, log) = kling(by_method(|| code(1201), || code(1203)));
+    let client = layer().layer(TimeoutLayer::new(Duration::from_secs(10)).layer(server));
+    let error = send(&client, create(r#"{"external_task_id":"job-62"}"#))
+        .await
+        .unwrap_err();
+    let seen = log.all();
+    assert_eq!(
+        seen.iter()
+            .map(|s| s.method.as_str().to_owned())
+            .collect::<Vec<_>>(),
+        ["POST", "GET"]
+    );
+    assert_eq!(seen[1].at, seen[0].at, "the lookup goes at once");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::NotRetryable);
+    assert!(!failed.may_have_created());
+    assert!(!kling_core::error::may_have_created(&*error));
+    assert_eq!(failed.external_id(), None);
     assert_eq!(failed.code(), Some(kling_core::Code::InvalidParameter));
 }
 
