@@ -159,9 +159,10 @@ async fn malformed_bodies_are_typed_errors_and_lose_no_job() {
     let error = send(&svc, request(Method::GET, &url, ""))
         .await
         .unwrap_err();
+    // The garbled answer keeps the real answer's status (no such task: 404).
     let text = error.to_string();
     assert!(
-        text.contains("malformed kling response (http 200)"),
+        text.contains("malformed kling response (http 404)"),
         "{text}"
     );
     assert!(find::<MalformedResponse>(&*error).is_some(), "{error:?}");

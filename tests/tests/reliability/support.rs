@@ -172,7 +172,9 @@ pub(crate) fn send(
 }
 
 /// One job as a batch runner drives it: create (with its external id) until the task exists
-/// exactly once, looking it up by external id after any error, then poll until it ends.
+/// exactly once, looking it up by external id after any error and sending the create again
+/// only once a lookup says there is no such task (1203): a lookup that failed otherwise (its
+/// answer lost or garbled) proves nothing, and is asked again. Then poll until the task ends.
 /// Returns the task id and the errors the caller saw on the way.
 pub(crate) async fn run_job(
     svc: Svc,
@@ -185,26 +187,39 @@ pub(crate) async fn run_job(
     let body = format!(r#"{{"prompt":"job {job}","external_task_id":"{external}"}}"#);
     let mut seen = Vec::new();
     let mut task_id = None;
+    let mut create = true;
     for _ in 0..40 {
-        match send(&svc, request(Method::POST, &format!("{base}{path}"), &body)).await {
-            Ok(outcome) if outcome.is_success() => {
-                task_id = outcome.task().map(|t| t.id.clone());
-                break;
+        if create {
+            match send(&svc, request(Method::POST, &format!("{base}{path}"), &body)).await {
+                Ok(outcome) if outcome.is_success() => {
+                    task_id = outcome.task().map(|t| t.id.clone());
+                    break;
+                }
+                Ok(outcome) => seen.push(outcome.to_result().unwrap_err().to_string()),
+                Err(e) => seen.push(e.to_string()),
             }
-            Ok(outcome) => seen.push(outcome.to_result().unwrap_err().to_string()),
-            Err(e) => seen.push(e.to_string()),
         }
         // The create may have happened: look it up by its external id before sending it again.
-        if let Ok(outcome) = send(
+        let lookup = send(
             &svc,
             request(Method::GET, &format!("{base}{path}/{external}"), ""),
         )
-        .await
-            && outcome.is_success()
-            && let Some(task) = outcome.task()
-        {
-            task_id = Some(task.id.clone());
-            break;
+        .await;
+        match &lookup {
+            Ok(outcome) if outcome.is_success() => {
+                if let Some(task) = outcome.task() {
+                    task_id = Some(task.id.clone());
+                    break;
+                }
+                create = false;
+            }
+            Ok(outcome) => create = outcome.code() == kling_core::Code::NotFound,
+            Err(e) => {
+                create = e
+                    .downcast_ref::<kling_retry::error::Failed>()
+                    .and_then(|failed| failed.code())
+                    == Some(kling_core::Code::NotFound)
+            }
         }
         tokio::time::sleep(poll_every).await;
     }
