@@ -414,3 +414,80 @@ async fn a_signed_url_quoted_by_an_answer_or_an_error_leaks_nothing() {
     let secrets = [signature, credential, API_KEY];
     assert_eq!(leaks(&text, &secrets), Vec::<&str>::new(), "{text}");
 }
+
+/// An answer's message or an error's text of a megabyte (a broken proxy's page, a hostile
+/// upstream: words, a URL with a password across the 4 KiB mark, then `://` after `://`) is
+/// logged cut: the `WARN` shows its first 4 KiB at most, redacted, and how many bytes it left
+/// out, and the URL the cut falls in is left out whole, its password with it. The redaction
+/// read the rest of such a text again from each `://`: minutes of a runtime worker.
+#[tokio::test(start_paused = true)]
+async fn a_long_message_is_logged_cut_and_leaks_nothing_across_the_cut() {
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let password = "QQQQQQQQQQQQ";
+    let message = format!(
+        "{}https://user:{password}@proxy.example/v1 {}",
+        // The password from byte 4093 on: the cut at 4096 falls in it.
+        "refused ".repeat(510),
+        "://".repeat(1024 * 1024 / 3),
+    );
+    let body = format!(r#"{{"code":1201,"message":"{message}","request_id":"r1"}}"#);
+    let answering = tower::service_fn(
+        move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+            let body = body.clone();
+            async move {
+                Ok::<_, kling_core::BoxError>(
+                    http::Response::builder()
+                        .status(400)
+                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                        .unwrap(),
+                )
+            }
+        },
+    );
+    let stack = MetricsLayer::new().layer(ClassifyLayer::new().layer(answering));
+    let req = request("POST", "/v1/videos/image2video", "{}", API_KEY);
+    assert_eq!(stack.oneshot(req).await.unwrap().status(), 400);
+
+    let failing = tower::service_fn(
+        move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+            let message = message.clone();
+            async move {
+                Err::<http::Response<http_body_util::Full<bytes::Bytes>>, kling_core::BoxError>(
+                    message.into(),
+                )
+            }
+        },
+    );
+    let stack = MetricsLayer::new().layer(ClassifyLayer::new().layer(failing));
+    let req = request("POST", "/v1/videos/text2video", "{}", API_KEY);
+    assert!(stack.oneshot(req).await.is_err());
+
+    let warned: Vec<_> = capture
+        .events()
+        .into_iter()
+        .filter(|e| e.level == "WARN")
+        .map(|e| {
+            e.field("kling_message")
+                .or(e.field("error"))
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(warned.len(), 2, "{warned:?}");
+    // Not one `Q` of the password: the cut fell in it.
+    let text = capture.all_text();
+    assert!(!text.contains('Q'), "{}", &text[..text.len().min(8192)]);
+    for shown in &warned {
+        assert!(shown.len() <= 4096 + 32, "{}", shown.len());
+        assert!(shown.contains("refused refused "), "{shown}");
+        let (kept, count) = shown.rsplit_once(" [").unwrap();
+        assert!(kept.ends_with("refused"), "{kept}");
+        let left_out: usize = count
+            .strip_suffix(" bytes left out]")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(left_out > 1024 * 1024, "{count}");
+    }
+}
