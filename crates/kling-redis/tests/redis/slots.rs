@@ -2033,6 +2033,22 @@ async fn maintained(backend: &RedisSlots) {
     }
 }
 
+/// After Redis came back, task `t1`, which `one` holds in the pool's only slot, is counted
+/// as before: `one` keeps it on record, a create in `two` waits past the limit, and `t1`'s
+/// end reported in `two` finds its holding and frees the slot.
+async fn t1_holds_the_pools_slot_until_its_end(one: &RedisSlots, two: &RedisSlots, case: &str) {
+    assert_eq!(one.held_here(), 1, "{case}: t1 kept on record");
+    assert_eq!(in_use(two).await, 1, "{case}: t1 holds its slot");
+    let past = tokio::time::timeout(Duration::from_millis(300), two.acquire(video(), 1)).await;
+    assert!(past.is_err(), "{case}: a create past the limit");
+    let done = two
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(done.released.len(), 1, "{case}: t1's end found its holding");
+    assert_eq!(in_use(two).await, 0, "{case}: t1's slot is free");
+}
+
 /// A Redis that comes back with older state (a restart from its snapshot) is a new
 /// generation: the task created after the snapshot is registered again, and the one that ended
 /// after it (reported by another process) does not come back to hold its slot.
@@ -2212,16 +2228,7 @@ async fn a_task_renewed_by_another_process_keeps_its_slot_through_a_loss_of_stat
         maintained(&two).await;
         maintained(&one).await;
         maintained(&one).await;
-        assert_eq!(one.held_here(), 1, "{older}: t1 kept on record");
-        assert_eq!(in_use(&two).await, 1, "{older}: t1 holds its slot");
-        let past = tokio::time::timeout(Duration::from_millis(300), two.acquire(video(), 1)).await;
-        assert!(past.is_err(), "{older}: a create past the limit");
-        let done = two
-            .apply(ended("t1", Some(TaskStatus::Succeeded)))
-            .await
-            .unwrap();
-        assert_eq!(done.released.len(), 1, "{older}: t1 was held");
-        assert_eq!(in_use(&two).await, 0, "{older}");
+        t1_holds_the_pools_slot_until_its_end(&one, &two, &format!("{older}")).await;
     }
 }
 
@@ -2253,16 +2260,7 @@ async fn a_task_renewed_after_the_snapshot_keeps_its_slot_when_redis_comes_back_
     maintained(&one).await;
     assert_eq!(in_use(&two).await, 1, "t1 holds its slot");
     maintained(&one).await;
-    assert_eq!(one.held_here(), 1, "t1 kept on record");
-    assert_eq!(in_use(&two).await, 1, "t1 still holds its slot");
-    let past = tokio::time::timeout(Duration::from_millis(300), two.acquire(video(), 1)).await;
-    assert!(past.is_err(), "a create past the limit");
-    let done = two
-        .apply(ended("t1", Some(TaskStatus::Succeeded)))
-        .await
-        .unwrap();
-    assert_eq!(done.released.len(), 1, "t1 was held");
-    assert_eq!(in_use(&two).await, 0);
+    t1_holds_the_pools_slot_until_its_end(&one, &two, "renewed").await;
 }
 
 /// A Redis restored from a snapshot taken between a create's grant and its hold brings the
@@ -2296,16 +2294,7 @@ async fn a_task_held_after_the_snapshot_is_found_by_its_ids_when_redis_comes_bac
     maintained(&two).await;
     maintained(&one).await;
     maintained(&one).await;
-    assert_eq!(one.held_here(), 1, "t1 kept on record");
-    assert_eq!(in_use(&two).await, 1, "t1 holds its slot");
-    let past = tokio::time::timeout(Duration::from_millis(300), two.acquire(video(), 1)).await;
-    assert!(past.is_err(), "a create past the limit");
-    let done = two
-        .apply(ended("t1", Some(TaskStatus::Succeeded)))
-        .await
-        .unwrap();
-    assert_eq!(done.released.len(), 1, "t1's end found its holding");
-    assert_eq!(in_use(&two).await, 0, "t1's slot is free");
+    t1_holds_the_pools_slot_until_its_end(&one, &two, "held after the snapshot").await;
     // By its external id too: a second task, held after another snapshot, ended by a lookup
     // that names its external id alone.
     let r = one.acquire(video(), 1).await.unwrap();
