@@ -338,23 +338,14 @@ async fn an_answer_that_is_no_envelope_quoting_the_credential_leaks_nothing() {
     assert_eq!(leaks(&text, &secrets), Vec::<&str>::new(), "{text}");
 }
 
-/// A URL's query may be its credential: a presigned image URL (`X-Amz-Signature`), a callback
-/// with `?sig=`, an endpoint with `?api_key=`. An answer's message or a client's error quoting
-/// one (Kling refusing an `image_url` it could not read, reqwest naming the URL it failed to
-/// reach) is logged with the URL up to its path, the query `[redacted]`: it was logged whole,
-/// handing whoever reads the logs the private object the URL signs for.
-#[tokio::test(start_paused = true)]
-async fn a_signed_url_quoted_by_an_answer_or_an_error_leaks_nothing() {
-    let capture = Capture::default();
-    let _tracing = tracing::subscriber::set_default(capture.clone());
-    let signature = "5f2a9c0d7e31b4a8c6d2e0f19a7b3c5d";
-    let credential = "AKIAEXAMPLE1234";
-    let signed = format!(
-        "https://bucket.s3.amazonaws.com/in/cat.png?X-Amz-Credential={credential}&X-Amz-Signature={signature}#f"
-    );
-    let body = format!(
-        r#"{{"code":1201,"message":"image_url {signed} could not be read","request_id":"r1"}}"#
-    );
+/// The `WARN`s' `kling_message` or `error` fields `capture` holds after two calls through
+/// the metrics and classify layers: one answered `400` with `body`, one failed with
+/// `error` as the client's error text.
+async fn warnings_of_a_refusal_and_an_error(
+    capture: &Capture,
+    body: String,
+    error: String,
+) -> Vec<String> {
     let answering = tower::service_fn(
         move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
             let body = body.clone();
@@ -372,15 +363,12 @@ async fn a_signed_url_quoted_by_an_answer_or_an_error_leaks_nothing() {
     let req = request("POST", "/v1/videos/image2video", "{}", API_KEY);
     assert_eq!(stack.oneshot(req).await.unwrap().status(), 400);
 
-    let message = format!(
-        "error sending request for url (https://gw.example/v1/videos/text2video?api_key={API_KEY}): reset"
-    );
     let failing = tower::service_fn(
         move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
-            let message = message.clone();
+            let error = error.clone();
             async move {
                 Err::<http::Response<http_body_util::Full<bytes::Bytes>>, kling_core::BoxError>(
-                    message.into(),
+                    error.into(),
                 )
             }
         },
@@ -389,7 +377,7 @@ async fn a_signed_url_quoted_by_an_answer_or_an_error_leaks_nothing() {
     let req = request("POST", "/v1/videos/text2video", "{}", API_KEY);
     assert!(stack.oneshot(req).await.is_err());
 
-    let warned: Vec<_> = capture
+    capture
         .events()
         .into_iter()
         .filter(|e| e.level == "WARN")
@@ -399,7 +387,30 @@ async fn a_signed_url_quoted_by_an_answer_or_an_error_leaks_nothing() {
                 .unwrap_or_default()
                 .to_owned()
         })
-        .collect();
+        .collect()
+}
+
+/// A URL's query may be its credential: a presigned image URL (`X-Amz-Signature`), a callback
+/// with `?sig=`, an endpoint with `?api_key=`. An answer's message or a client's error quoting
+/// one (Kling refusing an `image_url` it could not read, reqwest naming the URL it failed to
+/// reach) is logged with the URL up to its path, the query `[redacted]`: it was logged whole,
+/// handing whoever reads the logs the private object the URL signs for.
+#[tokio::test(start_paused = true)]
+async fn a_signed_url_quoted_by_an_answer_or_an_error_leaks_nothing() {
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let signature = "5f2a9c0d7e31b4a8c6d2e0f19a7b3c5d";
+    let credential = "AKIAEXAMPLE1234";
+    let signed = format!(
+        "https://bucket.s3.amazonaws.com/in/cat.png?X-Amz-Credential={credential}&X-Amz-Signature={signature}#f"
+    );
+    let body = format!(
+        r#"{{"code":1201,"message":"image_url {signed} could not be read","request_id":"r1"}}"#
+    );
+    let message = format!(
+        "error sending request for url (https://gw.example/v1/videos/text2video?api_key={API_KEY}): reset"
+    );
+    let warned = warnings_of_a_refusal_and_an_error(&capture, body, message).await;
     assert_eq!(
         warned,
         [
@@ -432,48 +443,7 @@ async fn a_long_message_is_logged_cut_and_leaks_nothing_across_the_cut() {
         "://".repeat(1024 * 1024 / 3),
     );
     let body = format!(r#"{{"code":1201,"message":"{message}","request_id":"r1"}}"#);
-    let answering = tower::service_fn(
-        move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
-            let body = body.clone();
-            async move {
-                Ok::<_, kling_core::BoxError>(
-                    http::Response::builder()
-                        .status(400)
-                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                        .unwrap(),
-                )
-            }
-        },
-    );
-    let stack = MetricsLayer::new().layer(ClassifyLayer::new().layer(answering));
-    let req = request("POST", "/v1/videos/image2video", "{}", API_KEY);
-    assert_eq!(stack.oneshot(req).await.unwrap().status(), 400);
-
-    let failing = tower::service_fn(
-        move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
-            let message = message.clone();
-            async move {
-                Err::<http::Response<http_body_util::Full<bytes::Bytes>>, kling_core::BoxError>(
-                    message.into(),
-                )
-            }
-        },
-    );
-    let stack = MetricsLayer::new().layer(ClassifyLayer::new().layer(failing));
-    let req = request("POST", "/v1/videos/text2video", "{}", API_KEY);
-    assert!(stack.oneshot(req).await.is_err());
-
-    let warned: Vec<_> = capture
-        .events()
-        .into_iter()
-        .filter(|e| e.level == "WARN")
-        .map(|e| {
-            e.field("kling_message")
-                .or(e.field("error"))
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect();
+    let warned = warnings_of_a_refusal_and_an_error(&capture, body, message).await;
     assert_eq!(warned.len(), 2, "{warned:?}");
     // Not one `Q` of the password: the cut fell in it.
     let text = capture.all_text();
