@@ -623,10 +623,7 @@ impl State {
     /// When the first 1102 of the account's current credit period was answered (rolling the
     /// period first): while it is set, every create gets 1102.
     pub(crate) fn first_1102(&mut self, account: &str, now: Instant) -> Option<Instant> {
-        let period = self.config.scaled_credit_period();
-        let acct = self.accounts.get_mut(account)?;
-        acct.roll_credit_period(period, now);
-        acct.first_1102
+        self.in_its_period(account, now)?.first_1102
     }
 
     /// When the client was first sent an 1102 of the account's current credit period that it
@@ -634,10 +631,16 @@ impl State {
     /// an 1102). Later than [`State::first_1102`] when that one was late, and unset while every
     /// 1102 was lost, garbled or still on its way.
     pub(crate) fn seen_1102(&mut self, account: &str, now: Instant) -> Option<Instant> {
+        self.in_its_period(account, now)?.seen_1102
+    }
+
+    /// A known account with its credit period rolled forward to `now` (its latches lifted if
+    /// the period has ended); `None` for an account never seen or forgotten.
+    fn in_its_period(&mut self, account: &str, now: Instant) -> Option<&mut Account> {
         let period = self.config.scaled_credit_period();
         let acct = self.accounts.get_mut(account)?;
         acct.roll_credit_period(period, now);
-        acct.seen_1102
+        Some(acct)
     }
 
     /// Latches 1102 for the rest of the credit period.
@@ -662,11 +665,9 @@ impl State {
     /// credit period it was built in has ended (the new one has no latch of its own from it)
     /// or the account has been forgotten.
     pub(crate) fn saw_late_1102(&mut self, account: &str, built: Instant, now: Instant) {
-        let period = self.config.scaled_credit_period();
-        let Some(acct) = self.accounts.get_mut(account) else {
+        let Some(acct) = self.in_its_period(account, now) else {
             return;
         };
-        acct.roll_credit_period(period, now);
         if acct.first_1102.is_some_and(|first| first <= built) {
             acct.seen_1102.get_or_insert(now);
         }
